@@ -1,0 +1,158 @@
+"""Where every token of a Quiet-STaR forward pass sits, and which keys it may see.
+
+Pure tensor code (no deepspeed, no transformers). A `Layout` describes one forward pass over
+B rows. Each query and each key carries a *tag*:
+
+    stream == -1 : a base token; idx = its index i in x_0 .. x_{n-1}
+    stream == m  : token idx (0-based) of thought stream m; stream m hangs after base index
+                   anchor[b, m] of row b
+
+and the visibility rule is the one of the paper's "diagonal" mask:
+
+    base query i        sees base keys j <= i              (and not padding)
+    stream query (m, s) sees base keys j <= anchor[b, m]   (and not padding)
+                        and keys (m, s') of its own stream with s' <= s
+
+Tags are shared by all rows (the token *order* is the same in every row); rows differ only in
+padding (`base_valid`) and anchors. The order of keys is free: the packed learn pass puts the base
+first and then each stream contiguously (stream-major); the KV-cached rollout appends one block
+per decoding step (step-major). Attention backends (`attention.py`) read the tags and never
+depend on the order.
+
+Position ids (RoPE): base token i sits at p(i) = (#valid tokens before i); stream token s of a
+stream anchored at i sits at p(i) + 1 + s. That is exactly the position the token would have in
+the plain sequence x_<=i, <sot>, c_1, ..., so the packed pass reproduces that plain sequence
+(the reference's rule: thought token s after position i at i+s, with <sot> as s=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BASE = -1
+
+
+def base_positions(base_valid: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool -> (B, n) long position ids: number of valid tokens strictly before each one."""
+    return (base_valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Layout:
+    """Token tags of one forward pass. Shapes: B rows, n base tokens, M streams per row,
+    Sq queries, Sk keys."""
+
+    base_valid: torch.Tensor
+    """(B, n) bool: True for real tokens, False for padding."""
+    anchor: torch.Tensor
+    """(B, M) long: base index after which each stream starts (M may be 0)."""
+    q_stream: torch.Tensor
+    """(Sq,) long: stream of each query, -1 for base tokens."""
+    q_idx: torch.Tensor
+    """(Sq,) long: base index (base queries) or index inside the stream."""
+    k_stream: torch.Tensor
+    """(Sk,) long: like q_stream, for keys."""
+    k_idx: torch.Tensor
+    """(Sk,) long: like q_idx, for keys."""
+    backend: str = "dense"
+    """Name of the attention backend that computes this layout (see attention.py)."""
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- constructors -------------------------------------------------------------------
+    @staticmethod
+    def _stream_tags(num_streams: int, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tags of `length` tokens (idx start..start+length-1) of every stream, stream-major."""
+        stream = torch.arange(num_streams, device=device).repeat_interleave(length)
+        idx = torch.arange(start, start + length, device=device).repeat(num_streams)
+        return stream, idx
+
+    @classmethod
+    def base_only(cls, base_valid: torch.Tensor, backend: str = "dense") -> "Layout":
+        """A plain causal pass over the base tokens (padding-aware)."""
+        B, n = base_valid.shape
+        dev = base_valid.device
+        tag_s = torch.full((n,), BASE, dtype=torch.long, device=dev)
+        tag_i = torch.arange(n, device=dev)
+        anchor = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        return cls(base_valid, anchor, tag_s, tag_i, tag_s, tag_i, backend)
+
+    @classmethod
+    def packed(cls, base_valid: torch.Tensor, anchor: torch.Tensor, stream_len: int,
+               backend: str = "dense") -> "Layout":
+        """Base tokens, then each of the M streams (stream_len tokens) contiguously.
+        Sequence length S = n + M * stream_len; queries == keys."""
+        B, n = base_valid.shape
+        M = anchor.shape[1]
+        dev = base_valid.device
+        s_st, s_idx = cls._stream_tags(M, 0, stream_len, dev)
+        tag_s = torch.cat([torch.full((n,), BASE, dtype=torch.long, device=dev), s_st])
+        tag_i = torch.cat([torch.arange(n, device=dev), s_idx])
+        return cls(base_valid, anchor, tag_s, tag_i, tag_s, tag_i, backend)
+
+    def extend(self, start: int, length: int) -> "Layout":
+        """Layout of the next KV-cached step: `length` new tokens (idx start..start+length-1)
+        for every stream, stream-major, appended after the keys of this layout."""
+        M = self.anchor.shape[1]
+        q_s, q_i = self._stream_tags(M, start, length, self.anchor.device)
+        return Layout(self.base_valid, self.anchor, q_s, q_i,
+                      torch.cat([self.k_stream, q_s]), torch.cat([self.k_idx, q_i]), self.backend)
+
+    def with_streams(self, anchor: torch.Tensor) -> "Layout":
+        """The same keys with a set of stream anchors attached (used after a base-only prefill)."""
+        return Layout(self.base_valid, anchor, self.q_stream, self.q_idx, self.k_stream, self.k_idx,
+                      self.backend)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def num_streams(self) -> int:
+        return self.anchor.shape[1]
+
+    def position_ids(self) -> torch.Tensor:
+        """(B, Sq) long position ids of the queries (see module docstring)."""
+        pos = base_positions(self.base_valid)                                  # (B, n)
+        is_base = self.q_stream == BASE                                        # (Sq,)
+        base_part = pos[:, self.q_idx.clamp(max=pos.shape[1] - 1)]             # (B, Sq)
+        if self.num_streams == 0:
+            return base_part
+        st = self.q_stream.clamp(min=0)
+        anchor_pos = pos.gather(1, self.anchor)                                # (B, M)
+        stream_part = anchor_pos[:, st] + 1 + self.q_idx                       # (B, Sq)
+        return torch.where(is_base, base_part, stream_part)
+
+    def query_anchor(self) -> torch.Tensor:
+        """(B, Sq) long: the last base index each query may see (its own index for base queries)."""
+        is_base = self.q_stream == BASE
+        if self.num_streams == 0:
+            return self.q_idx.expand(self.base_valid.shape[0], -1)
+        st_anchor = self.anchor[:, self.q_stream.clamp(min=0)]                 # (B, Sq)
+        return torch.where(is_base, self.q_idx, st_anchor)
+
+    def visible(self) -> torch.Tensor:
+        """(B, Sq, Sk) bool: the full visibility matrix. O(Sq*Sk): the dense reference."""
+        if "visible" in self._memo:
+            return self._memo["visible"]
+        B, n = self.base_valid.shape
+        k_base = self.k_stream == BASE                                         # (Sk,)
+        k_valid = self.base_valid[:, self.k_idx.clamp(max=n - 1)] & k_base     # (B, Sk)
+        qa = self.query_anchor()                                               # (B, Sq)
+        see_base = k_valid[:, None, :] & (self.k_idx[None, None, :] <= qa[:, :, None])
+        own = (self.k_stream[None, :] == self.q_stream[:, None]) & ~k_base[None, :]
+        own = own & (self.k_idx[None, :] <= self.q_idx[:, None])               # (Sq, Sk)
+        # A base query always sees itself: a padding query would otherwise see nothing
+        # (a fully masked softmax row is NaN); padding outputs are never used.
+        self_base = (self.q_stream[:, None] == BASE) & k_base[None, :] & (self.k_idx[None, :] == self.q_idx[:, None])
+        vis = see_base | (own | self_base)[None]
+        self._memo["visible"] = vis
+        return vis
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, Sq, Sk) float mask: 0 where visible, finfo.min elsewhere. A float mask (not a
+        boolean one) is what matched the reference under every HF attention implementation."""
+        key = ("additive", dtype)
+        if key not in self._memo:
+            vis = self.visible()
+            m = torch.zeros(vis.shape, dtype=dtype, device=vis.device)
+            m.masked_fill_(~vis, torch.finfo(dtype).min)
+            self._memo[key] = m[:, None]
+        return self._memo[key]

@@ -1,0 +1,111 @@
+"""The learn pass: one parallel, teacher-forced forward (with grad) over the packed layout.
+
+Row b of the packed sequence (layout.py) is
+
+    x_0 .. x_{n-1} | stream 0 | stream 1 | ... | stream M-1
+    stream m = <sot>, c_1 .. c_t, <eot>, x_{i+1} .. x_{i+K-1}      (L = t + K + 1 tokens)
+
+with i = anchor[b, m]. From its hidden states we read
+  - base NLL: base token i predicts x_{i+1};
+  - thought log-probs: stream token s-1 (<sot> for s = 1) predicts c_s, at the policy temperature;
+  - talk: stream token t+j (<eot> for j = 1, x_{i+j-1} after) and base token i+j-1 are mixed by
+    the mixing head to predict x_{i+j}, j = 1..K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ThoughtConfig
+from .layout import Layout
+from .losses import (Normalizer, base_target_mask, compute_rewards, quiet_star_losses,
+                     stream_validity, token_logprobs, total_loss)
+
+
+def talk_targets(input_ids: torch.Tensor, anchor: torch.Tensor, talk_len: int, first: int = 1) -> torch.Tensor:
+    """(B, n), (B, M) -> (B, M, K) tokens x_{i+first} .. x_{i+first+K-1}; indices past the end
+    are clamped (such streams are invalid, see stream_validity)."""
+    n = input_ids.shape[1]
+    idx = (anchor[..., None] + first + torch.arange(talk_len, device=anchor.device)).clamp(max=n - 1)
+    return input_ids.gather(1, idx.flatten(1)).view(idx.shape)
+
+
+def stream_ids(input_ids: torch.Tensor, anchor: torch.Tensor, thoughts: torch.Tensor,
+               sot_id: int, eot_id: int, talk_len: int) -> torch.Tensor:
+    """(B, n), (B, M), (B, M, t) -> (B, M, t+K+1) token ids of every stream."""
+    B, M, _ = thoughts.shape
+    sot = thoughts.new_full((B, M, 1), sot_id)
+    eot = thoughts.new_full((B, M, 1), eot_id)
+    talk_in = talk_targets(input_ids, anchor, talk_len - 1)                   # (B, M, K-1)
+    return torch.cat([sot, thoughts, eot, talk_in], dim=-1)
+
+
+def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_ids: torch.Tensor,
+                  anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_base (B, n, H), h_thought (B, M, K, H) -> (talk log-probs (B, M, K), mixing weights
+    (B, M, K)). Talk step j mixes the thought state with the base state that predicts the same
+    target x_{i+j}, i.e. base token i+j-1."""
+    B, n, H = h_base.shape
+    K = h_thought.shape[2]
+    idx = (anchor[..., None] + torch.arange(K, device=anchor.device)).clamp(max=n - 1)  # (B, M, K)
+    hb = h_base.gather(1, idx.flatten(1)[..., None].expand(-1, -1, H)).view(*idx.shape, H)
+    mixed, w = model.mix(hb, h_thought)
+    logp = token_logprobs(model.logits(mixed), talk_targets(input_ids, anchor, K))
+    return logp, w
+
+
+@dataclass
+class LearnOutput:
+    loss: torch.Tensor
+    """Scalar w_talk * talk + w_base * base + beta * reinforce."""
+    losses: dict[str, torch.Tensor]
+    """Each loss term ("talk", "base", "reinforce")."""
+    thought_logp: torch.Tensor
+    """(B, M, t) log p(c_s | x_<=i, <sot>, c_<s) at the policy temperature."""
+    talk_logp: torch.Tensor
+    """(B, M, K) mixed log-probs of the talk targets."""
+    mix_w: torch.Tensor
+    """(B, M, K) mixing weights."""
+    base_logp: torch.Tensor
+    """(B, n-1) base log-probs of x_{i+1}."""
+    base_mask: torch.Tensor
+    """(B, n-1) bool: base targets that count."""
+    valid: torch.Tensor
+    """(B, M) bool: streams that count."""
+    rewards: torch.Tensor
+    """(B, M) rewards used by the REINFORCE term."""
+    extra: dict = field(default_factory=dict)
+
+
+def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               anchor: torch.Tensor, thoughts: torch.Tensor, rewards: torch.Tensor | None = None,
+               norm: Normalizer | None = None) -> LearnOutput:
+    """input_ids, attention_mask (B, n); anchor (B, M); thoughts (B, M, t) sampled tokens.
+    `rewards` (B, M) default to this pass's own (detached) talk log-probs minus the mean over
+    the r thoughts of a position (needs all r thoughts of each position, consecutive);
+    `norm` defaults to the counts of valid terms in this call."""
+    B, n = input_ids.shape
+    M, t, K = anchor.shape[1], thoughts.shape[-1], cfg.talk_len
+    base_valid = attention_mask.bool()
+    L = t + K + 1
+    layout = Layout.packed(base_valid, anchor, L, backend=cfg.attention_backend)
+    ids = torch.cat([input_ids, stream_ids(input_ids, anchor, thoughts, model.sot_id, model.eot_id, K)
+                     .flatten(1)], dim=1)                                      # (B, n + M*L)
+    h = model.hidden(ids, layout)                                              # (B, S, H)
+    h_base, h_st = h[:, :n], h[:, n:].unflatten(1, (M, L))                     # (B,n,H), (B,M,L,H)
+
+    base_logp = token_logprobs(model.logits(h_base[:, :-1]), input_ids[:, 1:])   # (B, n-1)
+    base_mask = base_target_mask(base_valid)
+    thought_logp = token_logprobs(model.logits(h_st[:, :, :t]), thoughts, cfg.policy_temperature)
+    talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor)
+
+    valid = stream_validity(base_valid, anchor, K)
+    if rewards is None:
+        rewards = compute_rewards(talk_logp.sum(-1), valid, cfg.n_thoughts)
+    if norm is None:
+        norm = Normalizer.local(valid, base_mask)
+    losses = quiet_star_losses(thought_logp, talk_logp, base_logp, valid, base_mask, rewards,
+                               cfg.clip_negative_rewards, norm)
+    loss = total_loss(losses, cfg.w_talk, cfg.w_base, cfg.beta)
+    return LearnOutput(loss, losses, thought_logp, talk_logp, mix_w, base_logp, base_mask, valid, rewards)

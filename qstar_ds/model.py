@@ -1,0 +1,257 @@
+"""QuietStarModel: any HF causal LM plus two learned thought tokens and a mixing head.
+
+Composition, not a fork: the HF model is held as `self.base` and run unmodified except that its
+attention implementation is "qstar" (attention.py), which behaves like `sdpa` for plain calls and
+dispatches our layouts to an attention backend.
+
+Thought tokens. `<|startofthought|>`/`<|endofthought|>` are added to the tokenizer and to the
+embedding matrix (and to an untied output head), initialised to the embedding of the first token
+of "---". Their *trainable* values live in a separate (2, H) parameter `thought_embeds`, which
+replaces the two rows on input: a separate parameter can get its own learning rate (ZeRO-3
+partitions whole parameters, so two rows of the embedding matrix could not), see
+ThoughtConfig.thought_lr_mult. `save_pretrained` writes them back into the embedding rows too,
+so the exported HF directory is self-consistent.
+
+The two markers are never predicted: their output logits are masked to -inf in every
+distribution (thought sampling, talk, base NLL), so log-probs over the rest of the vocabulary are
+exactly the base model's.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import attention
+from .layout import Layout
+
+SOT_TOKEN = "<|startofthought|>"
+EOT_TOKEN = "<|endofthought|>"
+INIT_TEXT = "---"
+META_FILE = "quiet_star.json"
+WEIGHTS_FILE = "quiet_star.safetensors"
+FORMAT_VERSION = 1
+
+
+def gathered(params, modifier_rank: int | None = 0):
+    """Context in which ZeRO-3-partitioned `params` are whole (modifications on `modifier_rank`
+    are broadcast on exit); a no-op for ordinary parameters. Writing through `.data` on a
+    partitioned parameter silently does nothing, so every initialisation goes through here."""
+    params = [p for p in params if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed  # only reached when deepspeed created these parameters
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base; h_thought]): 2H -> H -> H -> 1 with ReLU; unbounded (no sigmoid), as the
+    reference. The last layer starts at zero, so w = 0 and the model equals the base LM at step 0."""
+
+    def __init__(self, hidden: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.net = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(),
+                                 nn.Linear(hidden, hidden, **kw), nn.ReLU(),
+                                 nn.Linear(hidden, 1, **kw))
+        last = self.net[-1]
+        with gathered([last.weight, last.bias]), torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def forward(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
+        """(..., H), (..., H) -> (...,) mixing weight."""
+        return self.net(torch.cat([h_base, h_thought], dim=-1)).squeeze(-1)
+
+
+@dataclass
+class ThoughtTokens:
+    sot_id: int
+    eot_id: int
+
+
+def add_thought_tokens(tokenizer) -> ThoughtTokens:
+    """Add the two markers to `tokenizer` (no-op if present) and return their ids."""
+    missing = [t for t in (SOT_TOKEN, EOT_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([SOT_TOKEN, EOT_TOKEN])
+    return ThoughtTokens(int(ids[0]), int(ids[1]))
+
+
+def _check_supported(base: nn.Module) -> None:
+    cfg = base.config
+    name = type(base).__name__
+    if not isinstance(base.get_output_embeddings(), nn.Linear):
+        raise ValueError(f"{name}: QuietStarModel needs a linear output head (lm_head)")
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(cfg, key, None) not in (None, 1.0):
+            raise ValueError(f"{name}: config.{key}={getattr(cfg, key)!r} is not supported "
+                             "(mixing assumes logits = lm_head(hidden))")
+    if not base._can_set_attn_implementation():
+        raise ValueError(f"{name} does not dispatch attention through transformers' AttentionInterface")
+
+
+class QuietStarModel(nn.Module):
+    def __init__(self, base: nn.Module, tokens: ThoughtTokens, thought_embeds: torch.Tensor | None = None):
+        """Wrap `base` whose embedding matrix already has rows for `tokens`. `thought_embeds`
+        (2, H) defaults to those rows (how a loaded model gets its trained values back)."""
+        super().__init__()
+        _check_supported(base)
+        base.set_attn_implementation(attention.register())
+        self.base = base
+        self.sot_id, self.eot_id = tokens.sot_id, tokens.eot_id
+        emb = base.get_input_embeddings().weight
+        hidden = base.config.hidden_size
+        with gathered([emb]):
+            rows = emb.shape[0]
+            if max(self.sot_id, self.eot_id) >= rows:
+                raise ValueError(f"thought token ids {self.sot_id}, {self.eot_id} are outside the "
+                                 f"embedding matrix ({rows} rows)")
+            init = emb[[self.sot_id, self.eot_id]].detach().clone() if thought_embeds is None else thought_embeds
+        self.thought_embeds = nn.Parameter(init.to(dtype=emb.dtype, device=emb.device))
+        self.mixing_head = MixingHead(hidden, dtype=emb.dtype, device=emb.device)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: nn.Module, tokenizer) -> "QuietStarModel":
+        """Add the thought tokens to `tokenizer` and `base` (embedding rows = first token of
+        "---") and wrap. Mutates both, like `tokenizer.add_tokens` + `resize_token_embeddings`."""
+        dash = tokenizer.encode(INIT_TEXT, add_special_tokens=False)
+        if not dash:
+            raise ValueError(f"tokenizer encodes {INIT_TEXT!r} to no tokens")
+        tokens = add_thought_tokens(tokenizer)
+        need = max(tokens.sot_id, tokens.eot_id) + 1
+        if need > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(need, mean_resizing=False)
+        ids = [tokens.sot_id, tokens.eot_id]
+        tables = [base.get_input_embeddings().weight]
+        out = base.get_output_embeddings().weight
+        if out is not tables[0]:
+            tables.append(out)  # untied head: its marker rows are masked anyway; keep them sane
+        with gathered(tables), torch.no_grad():
+            for w in tables:
+                w[ids] = w[dash[0]].expand(len(ids), -1)
+        return cls(base, tokens)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **hf_kwargs) -> "QuietStarModel":
+        """Load a directory written by `save_pretrained`. Nothing is re-initialised."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: {path} is not a QuietStarModel directory")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        base = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
+        state = load_file(os.path.join(path, WEIGHTS_FILE))
+        model = cls(base, ThoughtTokens(meta["sot_id"], meta["eot_id"]), state.pop("thought_embeds"))
+        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in state.items()})
+        return model
+
+    def save_pretrained(self, path: str, tokenizer=None) -> None:
+        """HF directory (base model, safetensors) + quiet_star.json + quiet_star.safetensors."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        emb = self.base.get_input_embeddings().weight
+        with gathered([emb]), torch.no_grad():
+            emb[[self.sot_id, self.eot_id]] = self.thought_embeds.detach().to(emb.dtype)
+        self.base.save_pretrained(path)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, self.tokens)
+            tokenizer.save_pretrained(path)
+        state = {"thought_embeds": self.thought_embeds.detach().cpu().contiguous()}
+        state.update({f"mixing_head.{k}": v.detach().cpu().contiguous()
+                      for k, v in self.mixing_head.state_dict().items()})
+        save_file(state, os.path.join(path, WEIGHTS_FILE))
+        with open(os.path.join(path, META_FILE), "w") as f:
+            json.dump({"format": FORMAT_VERSION, "sot_token": SOT_TOKEN, "eot_token": EOT_TOKEN,
+                       "sot_id": self.sot_id, "eot_id": self.eot_id,
+                       "hidden_size": self.base.config.hidden_size}, f, indent=2)
+
+    # ---- pieces used by rollout / learn -------------------------------------------------
+    @property
+    def tokens(self) -> ThoughtTokens:
+        return ThoughtTokens(self.sot_id, self.eot_id)
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.base.get_output_embeddings()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., S) ids -> (..., S, H) input embeddings with the learned marker vectors."""
+        e = self.base.get_input_embeddings()(ids)
+        te = self.thought_embeds.to(e.dtype)
+        e = torch.where((ids == self.sot_id)[..., None], te[0], e)
+        return torch.where((ids == self.eot_id)[..., None], te[1], e)
+
+    def hidden(self, ids: torch.Tensor, layout: Layout, cache=None) -> torch.Tensor:
+        """(B, Sq) ids laid out as `layout` -> (B, Sq, H) final (post-norm) hidden states.
+        With `cache` (a transformers Cache), keys of earlier calls are reused and extended."""
+        pos = layout.position_ids()
+        window = getattr(self.base.config, "sliding_window", None)
+        if window is not None and getattr(self.base.config, "use_sliding_window", True) \
+                and int(pos.max()) >= window:
+            raise ValueError(f"sliding_window={window} is shorter than the thought layout "
+                             f"(position {int(pos.max())}); qstar layouts assume full attention")
+        out = self.base.base_model(
+            inputs_embeds=self.embed(ids), position_ids=pos,
+            attention_mask=attention.placeholder_mask(ids.shape[0], ids.device),
+            cache=cache, use_cache=cache is not None, qstar_layout=layout)
+        return out.last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) logits with the two markers masked out (never predicted)."""
+        z = self.lm_head(h)                     # in place is safe: mm's backward never reads its output
+        idx = torch.tensor([self.sot_id, self.eot_id], device=z.device)
+        return z.index_fill_(-1, idx, float("-inf"))
+
+    def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mixed hidden (..., H), w (...,)). h = (1-w) h_base + w h_thought; since lm_head is
+        linear this equals mixing the two logit vectors, at the cost of one projection."""
+        w = self.mixing_head(h_base, h_thought)
+        return (1 - w)[..., None] * h_base + w[..., None] * h_thought, w
+
+    def parameter_groups(self, lr: float, weight_decay: float, thought_lr_mult: float) -> list[dict]:
+        """Optimizer groups: thought embeddings at lr * thought_lr_mult (no decay); norms and
+        biases without weight decay; the rest with it."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name == "thought_embeds":
+                continue
+            (no_decay if p.ndim < 2 else decay).append(p)
+        return [
+            {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+            {"params": [self.thought_embeds], "lr": lr * thought_lr_mult, "weight_decay": 0.0,
+             "name": "thought_embeds"},
+        ]
+
+
+def check_tokenizer(tokenizer, tokens: ThoughtTokens) -> None:
+    """Raise if `tokenizer` does not map the markers to the model's ids."""
+    got = tokenizer.convert_tokens_to_ids([SOT_TOKEN, EOT_TOKEN])
+    if list(got) != [tokens.sot_id, tokens.eot_id]:
+        raise ValueError(f"tokenizer maps {SOT_TOKEN}/{EOT_TOKEN} to {list(got)}, the model expects "
+                         f"{[tokens.sot_id, tokens.eot_id]}")
+
+
+def load_tokenizer(path: str, tokens: ThoughtTokens | None = None, **kwargs):
+    """Load a tokenizer saved with a QuietStarModel and check its marker ids."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokens is None:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+        tokens = ThoughtTokens(meta["sot_id"], meta["eot_id"])
+    check_tokenizer(tok, tokens)
+    return tok

@@ -1,0 +1,101 @@
+"""Rollout: sample r thoughts after every position, all streams together, without grad.
+
+The base prefix is encoded once (prefill) into a KV cache; each decoding step then feeds one
+token to every stream (M = P*r streams per row) and appends its keys to the cache, with the
+layout saying which cached keys each stream may see (layout.py). The last step feeds c_t, <eot>
+and the K-1 teacher-forced talk inputs of every stream at once, which yields the talk states; the
+mixing head turns them into log p_talk, and the rewards follow.
+
+Cost: one prefill of n tokens, then t+1 incremental steps; nothing is re-encoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ThoughtConfig
+from .layout import Layout
+from .learn import talk_logprobs, talk_targets
+from .losses import compute_rewards, stream_validity
+
+
+@dataclass
+class Rollout:
+    thoughts: torch.Tensor
+    """(B, M, t) sampled thought tokens (markers excluded)."""
+    anchor: torch.Tensor
+    """(B, M) base index after which each stream starts; stream m = p*r + k."""
+    talk_logp: torch.Tensor
+    """(B, M, K) mixed log-probs of the talk targets after each thought."""
+    mix_w: torch.Tensor
+    """(B, M, K) mixing weights."""
+    rewards: torch.Tensor
+    """(B, M) talk log-prob minus the mean over the r thoughts of the position (0 if invalid)."""
+    valid: torch.Tensor
+    """(B, M) bool: whether the stream's talk window lies inside the real tokens."""
+
+
+def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
+    """Every position whose talk window fits in a sequence of n tokens: 0 .. n-K-1."""
+    if n < talk_len + 1:
+        raise ValueError(f"sequence length {n} is shorter than talk_len + 1 = {talk_len + 1}")
+    return torch.arange(n - talk_len, device=device)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """(..., V) -> (...) samples by the Gumbel-max trick (seeded by `generator`)."""
+    z = logits.float() / temperature
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    u = torch.rand(z.shape, generator=generator, device=z.device).clamp_(min=1e-20)
+    return (z - torch.log(-torch.log(u))).argmax(-1)
+
+
+def new_cache():
+    """An empty KV cache with plain (full-attention) layers: a config-derived cache would crop
+    sliding-window layers, which would drop keys our layouts address."""
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+@torch.no_grad()
+def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            positions: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Rollout:
+    """input_ids, attention_mask (B, n); positions (P,) base indices to think after (default:
+    all whose talk window fits). Returns thoughts and their talk log-probs and rewards."""
+    B, n = input_ids.shape
+    t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
+    if positions is None:
+        positions = default_positions(n, K, input_ids.device)
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
+        raise ValueError(f"positions must lie in [0, {n}); got min {int(positions.min())}, "
+                         f"max {int(positions.max())}")
+    base_valid = attention_mask.bool()
+    anchor = positions.to(input_ids.device).repeat_interleave(r)[None].expand(B, -1).contiguous()
+    M = anchor.shape[1]
+    cache = new_cache()
+    layout = Layout.base_only(base_valid, backend=cfg.attention_backend)
+    h_base = model.hidden(input_ids, layout, cache)                           # (B, n, H) prefill
+    layout = layout.with_streams(anchor)
+
+    tok = input_ids.new_full((B, M), model.sot_id)
+    thoughts = []
+    for s in range(t):                         # feed <sot>, c_1 .. c_{t-1}; sample c_1 .. c_t
+        layout = layout.extend(s, 1)
+        h = model.hidden(tok, layout, cache)                                   # (B, M, H)
+        tok = sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
+        thoughts.append(tok)
+    thoughts = torch.stack(thoughts, dim=-1)                                   # (B, M, t)
+
+    # c_t, <eot>, x_{i+1} .. x_{i+K-1}: stream tokens t .. t+K in one step.
+    last = torch.cat([thoughts[..., -1:], input_ids.new_full((B, M, 1), model.eot_id),
+                      talk_targets(input_ids, anchor, K - 1)], dim=-1)         # (B, M, K+1)
+    layout = layout.extend(t, K + 1)
+    h = model.hidden(last.flatten(1), layout, cache).unflatten(1, (M, K + 1))  # (B, M, K+1, H)
+    talk_logp, mix_w = talk_logprobs(model, h_base, h[:, :, 1:], input_ids, anchor)
+    valid = stream_validity(base_valid, anchor, K)
+    rewards = compute_rewards(talk_logp.sum(-1), valid, r)
+    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid)
