@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+from qstar_ds.model import QuietStarModel
+from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_factory():
+    return tiny_tokenizer
+
+
+def make_model(arch: str, dtype=torch.float64, seed: int = 0, randomize: bool = True, **kw):
+    """(QuietStarModel, tokenizer) of a tiny random `arch`; with `randomize`, the mixing head and
+    the thought embeddings get random non-zero values (so every term has a gradient)."""
+    tok = tiny_tokenizer()
+    base = tiny_causal_lm(arch, len(tok), dtype=dtype, seed=seed, **kw)
+    model = QuietStarModel.from_base(base, tok)
+    if randomize:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.mixing_head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+            model.thought_embeds.add_(torch.randn(model.thought_embeds.shape, generator=g,
+                                                  dtype=model.thought_embeds.dtype) * 0.02)
+    return model, tok
+
+
+def random_batch(n: int, B: int, vocab: int, pad: str | None, seed: int = 0):
+    """(input_ids, attention_mask) of real token ids; pad = "left", "right", "both" (row 0 left,
+    row 1 right-padded) or None."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (B, n), generator=g)
+    am = torch.ones(B, n, dtype=torch.long)
+    if pad in ("left", "both"):
+        am[0, :2] = 0
+    if pad in ("right", "both"):
+        am[-1, n - 3:] = 0
+    x = x.masked_fill(am == 0, 0)
+    return x, am
+
+
+def random_thoughts(B: int, M: int, t: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 7)
+    return torch.randint(1, vocab, (B, M, t), generator=g)
+
+
+def ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,0 +1,122 @@
+"""Rollout: KV-cached parallel sampling, equality with the learn pass, sampling semantics."""
+import pytest
+import torch
+
+from qstar_ds.config import ThoughtConfig
+from qstar_ds.learn import learn_pass
+from qstar_ds.reference import attn_implementation
+from qstar_ds.rollout import rollout
+
+from conftest import make_model, random_batch
+
+
+def cfg_for(**kw):
+    base = dict(thought_len=3, n_thoughts=2, talk_len=2, temperature=1.0)
+    base.update(kw)
+    return ThoughtConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("t,K,r", [(3, 2, 2), (1, 1, 3), (2, 3, 1)])
+def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r):
+    model, tok = make_model(arch, dtype=torch.float64)
+    cfg = cfg_for(thought_len=t, talk_len=K, n_thoughts=r)
+    x, am = random_batch(9, 2, len(tok) - 2, "both")
+    ro = rollout(model, cfg, x, am, positions=torch.arange(9), generator=torch.Generator().manual_seed(1))
+    assert ro.thoughts.shape == (2, 9 * r, t) and ro.anchor.shape == (2, 9 * r)
+    with torch.no_grad():
+        out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
+    assert torch.equal(out.valid, ro.valid)
+    v = ro.valid
+    torch.testing.assert_close(ro.talk_logp[v], out.talk_logp[v], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ro.mix_w[v], out.mix_w[v], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ro.rewards, out.rewards, rtol=1e-10, atol=1e-10)
+    assert torch.all(ro.rewards[~v] == 0)
+    if r > 1:
+        assert ro.rewards[v].abs().max() > 0
+
+
+def test_seeded_and_reproducible_and_markers_never_sampled():
+    model, tok = make_model("llama", dtype=torch.float32)
+    with torch.no_grad():  # make the markers the most likely tokens, were they not masked
+        model.base.get_output_embeddings().weight[[model.sot_id, model.eot_id]] *= 50
+    cfg = cfg_for(thought_len=4)
+    x, am = random_batch(10, 2, len(tok) - 2, None)
+    a = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(5))
+    b = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(5))
+    c = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.thoughts, b.thoughts) and torch.equal(a.talk_logp, b.talk_logp)
+    assert not torch.equal(a.thoughts, c.thoughts)
+    assert not torch.isin(a.thoughts, torch.tensor([model.sot_id, model.eot_id])).any()
+
+
+def greedy_reference(model, x_row, am_row, i, t):
+    """Greedy thought after base index i with the plain HF model, one token at a time."""
+    real = [k for k in range(len(x_row)) if am_row[k]]
+    seq = [int(x_row[k]) for k in real[:real.index(i) + 1]] + [model.sot_id]
+    out = []
+    with attn_implementation(model.base, "sdpa"), torch.no_grad():
+        for _ in range(t):
+            e = model.embed(torch.tensor([seq]))
+            logits = model.logits(model.base.base_model(inputs_embeds=e).last_hidden_state[0, -1])
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["low_temperature", "top_k_1"])
+def test_sampling_follows_the_model_distribution(mode):
+    model, tok = make_model("qwen2", dtype=torch.float64)
+    kw = dict(temperature=1e-6) if mode == "low_temperature" else dict(temperature=2.0, top_k=1)
+    cfg = cfg_for(thought_len=4, n_thoughts=1, **kw)
+    x, am = random_batch(8, 2, len(tok) - 2, "left")
+    ro = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(0))
+    for b in range(2):
+        for m, i in enumerate(ro.anchor[b].tolist()):
+            if am[b, i]:
+                assert ro.thoughts[b, m].tolist() == greedy_reference(model, x[b], am[b], i, 4), (b, i)
+
+
+def test_top_k_restricts_samples():
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = cfg_for(thought_len=1, n_thoughts=8, top_k=3, temperature=5.0)
+    x, am = random_batch(6, 1, len(tok) - 2, None)
+    ro = rollout(model, cfg, x, am, positions=torch.tensor([2]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from qstar_ds.layout import Layout
+        h = model.hidden(torch.cat([x[:, :3], torch.tensor([[model.sot_id]])], 1),
+                         Layout.base_only(torch.ones(1, 4, dtype=torch.bool)))
+        top3 = set(model.logits(h[0, -1]).topk(3).indices.tolist())
+    assert set(ro.thoughts[0, :, 0].tolist()) <= top3
+
+
+def test_prefix_is_encoded_once():
+    model, tok = make_model("mistral", dtype=torch.float32)
+    cfg = cfg_for(thought_len=5, talk_len=3, n_thoughts=2)
+    x, am = random_batch(12, 2, len(tok) - 2, None)
+    lengths = []
+    hook = model.base.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        ro = rollout(model, cfg, x, am)
+    finally:
+        hook.remove()
+    M = ro.anchor.shape[1]
+    assert M == (12 - 3) * 2
+    # one prefill of n tokens, then t steps of one token per stream, then c_t + <eot> + K-1 talk
+    assert lengths == [12] + [M] * 5 + [M * 4]
+
+
+def test_positions_and_errors():
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = cfg_for(talk_len=3, n_thoughts=2)
+    x, am = random_batch(8, 1, len(tok) - 2, None)
+    ro = rollout(model, cfg, x, am, positions=torch.tensor([1, 4, 6]))
+    assert ro.anchor[0].tolist() == [1, 1, 4, 4, 6, 6]
+    assert ro.valid[0].tolist() == [True, True, True, True, False, False]     # 6 + 3 > 7
+    assert torch.all(ro.rewards[0, 4:] == 0)
+    with pytest.raises(ValueError, match="positions must lie in"):
+        rollout(model, cfg, x, am, positions=torch.tensor([8]))
+    with pytest.raises(ValueError, match="shorter than talk_len"):
+        rollout(model, cfg, x[:, :3], am[:, :3])
