@@ -19,6 +19,7 @@ exactly the base model's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ class QuietStarModel(nn.Module):
             init = emb[[self.sot_id, self.eot_id]].detach().clone() if thought_embeds is None else thought_embeds
         self.thought_embeds = nn.Parameter(init.to(dtype=emb.dtype, device=emb.device))
         self.mixing_head = MixingHead(hidden, dtype=emb.dtype, device=emb.device)
+        # transformers >= 5.24 calls the KV cache `cache`; earlier 5.x `past_key_values`
+        params = inspect.signature(base.base_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -206,7 +210,7 @@ class QuietStarModel(nn.Module):
         out = self.base.base_model(
             inputs_embeds=self.embed(ids), position_ids=pos,
             attention_mask=attention.placeholder_mask(ids.shape[0], ids.device),
-            cache=cache, use_cache=cache is not None, qstar_layout=layout)
+            use_cache=cache is not None, qstar_layout=layout, **{self._cache_kwarg: cache})
         return out.last_hidden_state
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,14 @@ import torch
 from qstar_ds.model import QuietStarModel
 from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
 
+# QSTAR_TEST_DEVICE=cuda runs the equivalence and rollout tests on a GPU (same assertions).
+DEVICE = os.environ.get("QSTAR_TEST_DEVICE", "cpu")
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded generator on the test device (sampling draws its noise there)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_factory():
@@ -25,7 +33,7 @@ def make_model(arch: str, dtype=torch.float64, seed: int = 0, randomize: bool = 
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
             model.thought_embeds.add_(torch.randn(model.thought_embeds.shape, generator=g,
                                                   dtype=model.thought_embeds.dtype) * 0.02)
-    return model, tok
+    return model.to(DEVICE), tok
 
 
 def random_batch(n: int, B: int, vocab: int, pad: str | None, seed: int = 0):
@@ -39,12 +47,12 @@ def random_batch(n: int, B: int, vocab: int, pad: str | None, seed: int = 0):
     if pad in ("right", "both"):
         am[-1, n - 3:] = 0
     x = x.masked_fill(am == 0, 0)
-    return x, am
+    return x.to(DEVICE), am.to(DEVICE)
 
 
 def random_thoughts(B: int, M: int, t: int, vocab: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 7)
-    return torch.randint(1, vocab, (B, M, t), generator=g)
+    return torch.randint(1, vocab, (B, M, t), generator=g).to(DEVICE)
 
 
 def ci() -> bool:

@@ -14,7 +14,7 @@ from qstar_ds.config import ThoughtConfig
 from qstar_ds.learn import learn_pass
 from qstar_ds.reference import reference_pass
 
-from conftest import make_model, random_batch, random_thoughts
+from conftest import DEVICE, make_model, random_batch, random_thoughts
 
 SHAPES = [  # (n, r, thought_len, K)
     (8, 2, 3, 2),
@@ -33,7 +33,7 @@ def run_both(arch, n, r, t, K, dtype=torch.float64, pad="both", attn="sdpa", tie
     B = 2
     x, am = random_batch(n, B, len(tok) - 2, pad, seed)
     # every position, including those whose talk window runs past the end or into padding
-    anchor = torch.arange(n).repeat_interleave(r)[None].expand(B, -1).contiguous()
+    anchor = torch.arange(n, device=DEVICE).repeat_interleave(r)[None].expand(B, -1).contiguous()
     thoughts = random_thoughts(B, anchor.shape[1], t, len(tok) - 2, seed)
 
     def grads(loss):

@@ -7,7 +7,7 @@ from qstar_ds.learn import learn_pass
 from qstar_ds.reference import attn_implementation
 from qstar_ds.rollout import rollout
 
-from conftest import make_model, random_batch
+from conftest import DEVICE, gen, make_model, random_batch
 
 
 def cfg_for(**kw):
@@ -22,7 +22,7 @@ def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r):
     model, tok = make_model(arch, dtype=torch.float64)
     cfg = cfg_for(thought_len=t, talk_len=K, n_thoughts=r)
     x, am = random_batch(9, 2, len(tok) - 2, "both")
-    ro = rollout(model, cfg, x, am, positions=torch.arange(9), generator=torch.Generator().manual_seed(1))
+    ro = rollout(model, cfg, x, am, positions=torch.arange(9, device=DEVICE), generator=gen(1))
     assert ro.thoughts.shape == (2, 9 * r, t) and ro.anchor.shape == (2, 9 * r)
     with torch.no_grad():
         out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
@@ -42,12 +42,12 @@ def test_seeded_and_reproducible_and_markers_never_sampled():
         model.base.get_output_embeddings().weight[[model.sot_id, model.eot_id]] *= 50
     cfg = cfg_for(thought_len=4)
     x, am = random_batch(10, 2, len(tok) - 2, None)
-    a = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(5))
-    b = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(5))
-    c = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(6))
+    a = rollout(model, cfg, x, am, generator=gen(5))
+    b = rollout(model, cfg, x, am, generator=gen(5))
+    c = rollout(model, cfg, x, am, generator=gen(6))
     assert torch.equal(a.thoughts, b.thoughts) and torch.equal(a.talk_logp, b.talk_logp)
     assert not torch.equal(a.thoughts, c.thoughts)
-    assert not torch.isin(a.thoughts, torch.tensor([model.sot_id, model.eot_id])).any()
+    assert not torch.isin(a.thoughts, torch.tensor([model.sot_id, model.eot_id], device=DEVICE)).any()
 
 
 def greedy_reference(model, x_row, am_row, i, t):
@@ -57,7 +57,7 @@ def greedy_reference(model, x_row, am_row, i, t):
     out = []
     with attn_implementation(model.base, "sdpa"), torch.no_grad():
         for _ in range(t):
-            e = model.embed(torch.tensor([seq]))
+            e = model.embed(torch.tensor([seq], device=DEVICE))
             logits = model.logits(model.base.base_model(inputs_embeds=e).last_hidden_state[0, -1])
             nxt = int(logits.argmax())
             out.append(nxt)
@@ -71,7 +71,7 @@ def test_sampling_follows_the_model_distribution(mode):
     kw = dict(temperature=1e-6) if mode == "low_temperature" else dict(temperature=2.0, top_k=1)
     cfg = cfg_for(thought_len=4, n_thoughts=1, **kw)
     x, am = random_batch(8, 2, len(tok) - 2, "left")
-    ro = rollout(model, cfg, x, am, generator=torch.Generator().manual_seed(0))
+    ro = rollout(model, cfg, x, am, generator=gen(0))
     for b in range(2):
         for m, i in enumerate(ro.anchor[b].tolist()):
             if am[b, i]:
@@ -82,11 +82,11 @@ def test_top_k_restricts_samples():
     model, tok = make_model("llama", dtype=torch.float32)
     cfg = cfg_for(thought_len=1, n_thoughts=8, top_k=3, temperature=5.0)
     x, am = random_batch(6, 1, len(tok) - 2, None)
-    ro = rollout(model, cfg, x, am, positions=torch.tensor([2]), generator=torch.Generator().manual_seed(0))
+    ro = rollout(model, cfg, x, am, positions=torch.tensor([2], device=DEVICE), generator=gen(0))
     with torch.no_grad():
         from qstar_ds.layout import Layout
-        h = model.hidden(torch.cat([x[:, :3], torch.tensor([[model.sot_id]])], 1),
-                         Layout.base_only(torch.ones(1, 4, dtype=torch.bool)))
+        h = model.hidden(torch.cat([x[:, :3], torch.tensor([[model.sot_id]], device=DEVICE)], 1),
+                         Layout.base_only(torch.ones(1, 4, dtype=torch.bool, device=DEVICE)))
         top3 = set(model.logits(h[0, -1]).topk(3).indices.tolist())
     assert set(ro.thoughts[0, :, 0].tolist()) <= top3
 
@@ -112,11 +112,11 @@ def test_positions_and_errors():
     model, tok = make_model("llama", dtype=torch.float32)
     cfg = cfg_for(talk_len=3, n_thoughts=2)
     x, am = random_batch(8, 1, len(tok) - 2, None)
-    ro = rollout(model, cfg, x, am, positions=torch.tensor([1, 4, 6]))
+    ro = rollout(model, cfg, x, am, positions=torch.tensor([1, 4, 6], device=DEVICE))
     assert ro.anchor[0].tolist() == [1, 1, 4, 4, 6, 6]
     assert ro.valid[0].tolist() == [True, True, True, True, False, False]     # 6 + 3 > 7
     assert torch.all(ro.rewards[0, 4:] == 0)
     with pytest.raises(ValueError, match="positions must lie in"):
-        rollout(model, cfg, x, am, positions=torch.tensor([8]))
+        rollout(model, cfg, x, am, positions=torch.tensor([8], device=DEVICE))
     with pytest.raises(ValueError, match="shorter than talk_len"):
         rollout(model, cfg, x[:, :3], am[:, :3])
