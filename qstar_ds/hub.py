@@ -60,3 +60,22 @@ def load_base(name: str, dtype=None, gguf_file: str | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+TINY_PREFIX = "tiny-"
+
+
+def build_base(name: str, dtype, gguf_file: str | None = None, seed: int = 0):
+    """(model, tokenizer) for a ModelConfig name: "tiny-<arch>" builds a random tiny model with
+    the self-made tokenizer (seeded); anything else goes through `load_base`."""
+    import torch
+    if name.startswith(TINY_PREFIX):
+        from .tiny import ARCHS, tiny_causal_lm, tiny_tokenizer
+        arch = name[len(TINY_PREFIX):]
+        if arch not in ARCHS:
+            raise ValueError(f"model.name={name!r}: unknown tiny architecture; use one of "
+                             f"{[TINY_PREFIX + a for a in ARCHS]}")
+        tok = tiny_tokenizer()
+        return tiny_causal_lm(arch, len(tok), dtype=dtype, seed=seed, hidden=64, intermediate=128), tok
+    torch.manual_seed(seed)
+    return load_base(name, dtype=dtype, gguf_file=gguf_file)

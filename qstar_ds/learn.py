@@ -41,6 +41,19 @@ def stream_ids(input_ids: torch.Tensor, anchor: torch.Tensor, thoughts: torch.Te
     return torch.cat([sot, thoughts, eot, talk_in], dim=-1)
 
 
+def maybe_checkpoint(model, fn, *args):
+    """fn(*args), recomputed in backward instead of stored when model.loss_checkpointing is on:
+    the vocabulary-sized logits inside `fn` are then never kept for backward."""
+    if getattr(model, "loss_checkpointing", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(..., H) hidden states, (...) targets -> (...) log-probs under the model's output head."""
+    return maybe_checkpoint(model, lambda h_: token_logprobs(model.logits(h_), targets, temperature), h)
+
+
 def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_ids: torch.Tensor,
                   anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h_base (B, n, H), h_thought (B, M, K, H) -> (talk log-probs (B, M, K), mixing weights
@@ -50,9 +63,13 @@ def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_id
     K = h_thought.shape[2]
     idx = (anchor[..., None] + torch.arange(K, device=anchor.device)).clamp(max=n - 1)  # (B, M, K)
     hb = h_base.gather(1, idx.flatten(1)[..., None].expand(-1, -1, H)).view(*idx.shape, H)
-    mixed, w = model.mix(hb, h_thought)
-    logp = token_logprobs(model.logits(mixed), talk_targets(input_ids, anchor, K))
-    return logp, w
+    targets = talk_targets(input_ids, anchor, K)
+
+    def mixed_logprobs(hb_, ht_):
+        mixed, w = model.mix(hb_, ht_)
+        return token_logprobs(model.logits(mixed), targets), w
+
+    return maybe_checkpoint(model, mixed_logprobs, hb, h_thought)
 
 
 @dataclass
@@ -80,11 +97,12 @@ class LearnOutput:
 
 def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                anchor: torch.Tensor, thoughts: torch.Tensor, rewards: torch.Tensor | None = None,
-               norm: Normalizer | None = None) -> LearnOutput:
+               norm: Normalizer | None = None, base_loss: bool = True) -> LearnOutput:
     """input_ids, attention_mask (B, n); anchor (B, M); thoughts (B, M, t) sampled tokens.
     `rewards` (B, M) default to this pass's own (detached) talk log-probs minus the mean over
     the r thoughts of a position (needs all r thoughts of each position, consecutive);
-    `norm` defaults to the counts of valid terms in this call."""
+    `norm` defaults to the counts of valid terms in this call. `base_loss=False` skips the base
+    NLL (a chunk whose sequence's base loss another chunk already counts)."""
     B, n = input_ids.shape
     M, t, K = anchor.shape[1], thoughts.shape[-1], cfg.talk_len
     base_valid = attention_mask.bool()
@@ -95,9 +113,13 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
     h = model.hidden(ids, layout)                                              # (B, S, H)
     h_base, h_st = h[:, :n], h[:, n:].unflatten(1, (M, L))                     # (B,n,H), (B,M,L,H)
 
-    base_logp = token_logprobs(model.logits(h_base[:, :-1]), input_ids[:, 1:])   # (B, n-1)
     base_mask = base_target_mask(base_valid)
-    thought_logp = token_logprobs(model.logits(h_st[:, :, :t]), thoughts, cfg.policy_temperature)
+    if base_loss:
+        base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:])                # (B, n-1)
+    else:
+        base_logp = h_base.new_zeros(B, n - 1, dtype=torch.promote_types(h.dtype, torch.float32))
+        base_mask = torch.zeros_like(base_mask)
+    thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature)  # (B, M, t)
     talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor)
 
     valid = stream_validity(base_valid, anchor, K)

@@ -6,7 +6,8 @@ dispatches our layouts to an attention backend.
 
 Thought tokens. `<|startofthought|>`/`<|endofthought|>` are added to the tokenizer and to the
 embedding matrix (and to an untied output head), initialised to the embedding of the first token
-of "---". Their *trainable* values live in a separate (2, H) parameter `thought_embeds`, which
+of "---". Their *trainable* values live in a separate (2, H) parameter `thought_embeds` (in the
+small module `thought_embedding`), which
 replaces the two rows on input: a separate parameter can get its own learning rate (ZeRO-3
 partitions whole parameters, so two rows of the embedding matrix could not), see
 ThoughtConfig.thought_lr_mult. `save_pretrained` writes them back into the embedding rows too,
@@ -69,6 +70,27 @@ class MixingHead(nn.Module):
         return self.net(torch.cat([h_base, h_thought], dim=-1)).squeeze(-1)
 
 
+class ThoughtEmbedding(nn.Module):
+    """The trainable vectors of <sot> and <eot>, swapped in for their embedding rows. A module
+    (not a bare parameter) so that ZeRO-3's forward hooks gather it like any other weight."""
+
+    def __init__(self, init: torch.Tensor, sot_id: int, eot_id: int):
+        super().__init__()
+        self.weight = nn.Parameter(init)
+        self.sot_id, self.eot_id = sot_id, eot_id
+
+    def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """(..., S) ids, (..., S, H) embeddings -> embeddings with the two marker rows replaced."""
+        te = self.weight.to(embeds.dtype)
+        e = torch.where((ids == self.sot_id)[..., None], te[0], embeds)
+        return torch.where((ids == self.eot_id)[..., None], te[1], e)
+
+
+def shape_of(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it away (ds_shape)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 @dataclass
 class ThoughtTokens:
     sot_id: int
@@ -114,7 +136,8 @@ class QuietStarModel(nn.Module):
                 raise ValueError(f"thought token ids {self.sot_id}, {self.eot_id} are outside the "
                                  f"embedding matrix ({rows} rows)")
             init = emb[[self.sot_id, self.eot_id]].detach().clone() if thought_embeds is None else thought_embeds
-        self.thought_embeds = nn.Parameter(init.to(dtype=emb.dtype, device=emb.device))
+        self.thought_embedding = ThoughtEmbedding(init.to(dtype=emb.dtype, device=emb.device),
+                                                  self.sot_id, self.eot_id)
         self.mixing_head = MixingHead(hidden, dtype=emb.dtype, device=emb.device)
         # transformers >= 5.24 calls the KV cache `cache`; earlier 5.x `past_key_values`
         params = inspect.signature(base.base_model.forward).parameters
@@ -130,7 +153,7 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"tokenizer encodes {INIT_TEXT!r} to no tokens")
         tokens = add_thought_tokens(tokenizer)
         need = max(tokens.sot_id, tokens.eot_id) + 1
-        if need > base.get_input_embeddings().weight.shape[0]:
+        if need > shape_of(base.get_input_embeddings().weight)[0]:
             base.resize_token_embeddings(need, mean_resizing=False)
         ids = [tokens.sot_id, tokens.eot_id]
         tables = [base.get_input_embeddings().weight]
@@ -167,7 +190,7 @@ class QuietStarModel(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         emb = self.base.get_input_embeddings().weight
-        with gathered([emb]), torch.no_grad():
+        with gathered([emb, self.thought_embeds]), torch.no_grad():
             emb[[self.sot_id, self.eot_id]] = self.thought_embeds.detach().to(emb.dtype)
         self.base.save_pretrained(path)
         if tokenizer is not None:
@@ -182,10 +205,28 @@ class QuietStarModel(nn.Module):
                        "sot_id": self.sot_id, "eot_id": self.eot_id,
                        "hidden_size": self.base.config.hidden_size}, f, indent=2)
 
+    def forward(self, *, mode: str = "learn", **kwargs) -> dict:
+        """Entry point for a wrapping engine (DeepSpeed): mode "learn" runs learn.learn_pass,
+        "rollout" runs rollout.rollout, with `kwargs` as their arguments after `model`. Returns
+        the result's fields as a plain dict, the output type whose tensors DeepSpeed's ZeRO-3
+        hooks can find (rebuild with LearnOutput(**d) / Rollout(**d))."""
+        if mode == "learn":
+            from .learn import learn_pass
+            return dict(vars(learn_pass(self, **kwargs)))
+        if mode == "rollout":
+            from .rollout import rollout
+            return dict(vars(rollout(self, **kwargs)))
+        raise ValueError(f"unknown mode {mode!r}; expected 'learn' or 'rollout'")
+
     # ---- pieces used by rollout / learn -------------------------------------------------
     @property
     def tokens(self) -> ThoughtTokens:
         return ThoughtTokens(self.sot_id, self.eot_id)
+
+    @property
+    def thought_embeds(self) -> nn.Parameter:
+        """(2, H) learned vectors of <sot>, <eot>."""
+        return self.thought_embedding.weight
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -193,10 +234,7 @@ class QuietStarModel(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(..., S) ids -> (..., S, H) input embeddings with the learned marker vectors."""
-        e = self.base.get_input_embeddings()(ids)
-        te = self.thought_embeds.to(e.dtype)
-        e = torch.where((ids == self.sot_id)[..., None], te[0], e)
-        return torch.where((ids == self.eot_id)[..., None], te[1], e)
+        return self.thought_embedding(ids, self.base.get_input_embeddings()(ids))
 
     def hidden(self, ids: torch.Tensor, layout: Layout, cache=None) -> torch.Tensor:
         """(B, Sq) ids laid out as `layout` -> (B, Sq, H) final (post-norm) hidden states.
@@ -229,10 +267,10 @@ class QuietStarModel(nn.Module):
         """Optimizer groups: thought embeddings at lr * thought_lr_mult (no decay); norms and
         biases without weight decay; the rest with it."""
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad or name == "thought_embeds":
+        for p in self.parameters():
+            if not p.requires_grad or p is self.thought_embeds:
                 continue
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if len(shape_of(p)) < 2 else decay).append(p)
         return [
             {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},

@@ -53,5 +53,5 @@ def tiny_causal_lm(arch: str, vocab_size: int, dtype: torch.dtype = torch.float3
     """A random HF causal LM of `arch` (attention `sdpa`)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **kw), attn_implementation="sdpa")
-    return model.to(dtype)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **kw), attn_implementation="sdpa",
+                                            dtype=dtype)

@@ -73,7 +73,7 @@ def assert_equal_to_reference(out, g_out, ref, g_ref, rtol):
     assert set(g_out) == set(g_ref)
     for name in g_ref:
         close_to(g_out[name], g_ref[name], rtol, name)
-    for name in ("thought_embeds", "mixing_head.net.0.weight", "mixing_head.net.4.weight"):
+    for name in ("thought_embedding.weight", "mixing_head.net.0.weight", "mixing_head.net.4.weight"):
         assert g_ref[name].abs().max() > 0, f"{name} got no gradient: the test would not see a bug"
 
 

@@ -1,0 +1,50 @@
+"""Quiet-STaR training with DeepSpeed ZeRO-3.
+
+    deepspeed qstar_ds/train.py --ds_config ds_configs/zero3.json [--preset NAME] [--config FILE.yaml]
+        [--output_dir DIR] [--max_steps N] [--resume auto|none|PATH] [--any.dotted.key VALUE ...]
+
+Also runs under torchrun, and as a single process without a launcher.
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `qstar_ds` importable, and make sure this
+    here = os.path.dirname(os.path.abspath(__file__))  # folder's module names (data, metrics, ...)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # shadow nothing
+    sys.path.insert(0, os.path.dirname(here))
+
+import warnings  # noqa: E402
+
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per micro-step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+from qstar_ds.cli import parse_args          # noqa: E402
+from qstar_ds.config import ConfigError      # noqa: E402
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, _ = parse_args(argv)
+    except ConfigError as e:
+        print(f"qstar_ds: error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    from qstar_ds.trainer import Trainer
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    except ConfigError as e:
+        print(f"qstar_ds: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The training loop: rollout (sharded over ranks, gathered), chunked learn micro-steps,
+optimizer step, metrics, checkpoints.
+
+One optimizer step, on every rank:
+  1. read the global batch (B sequences; every rank reads the same stream);
+  2. roll out the sequences this rank owns (ceil(B / world) of them, padded with a repeat so
+     every rank runs the same forwards, as ZeRO-3 needs), each with a generator seeded by
+     (seed, step, sequence): a rollout does not depend on which rank or world size computed it;
+     all-gather thoughts and rewards (small);
+  3. run this rank's learn chunks (chunk c of the step goes to rank c % world; a rank short of
+     chunks runs a repeat with weight 0): every rank runs the same number of micro-steps;
+  4. the loss of a chunk is normalised by the global counts of valid streams and base targets,
+     so the sum of all chunks' losses is the loss of the whole batch; DeepSpeed averages gradients
+     over ranks, so each chunk's loss is multiplied by the world size (and not divided by the
+     accumulation steps): the update is that of the whole batch's loss, independent of the chunk
+     size and the number of ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .cli import to_yaml
+from .config import Config
+from .data import SequenceStream
+from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
+                     plan_step, prepare_zero_init, resolve_dtype, zero_stage)
+from .hub import build_base
+from .losses import Normalizer, base_target_mask, stream_validity
+from .metrics import MetricsLogger, print0, progress
+from .model import QuietStarModel
+from .learn import LearnOutput
+from .rollout import Rollout, default_positions
+
+TEMPLATE_DIR = "hf_template"
+
+
+def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generator:
+    """The sampling generator of global sequence `seq` at optimizer step `step`."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq)
+    return g
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device_type = device_type()
+        self.rank, self.world, local_rank = init_distributed(self.device_type)
+        self.device = torch.device("cuda", local_rank) if self.device_type == "cuda" else torch.device("cpu")
+        self.plan = plan_step(cfg, self.world)
+        self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
+        self.dtype = resolve_dtype(cfg, self.device_type)
+        if zero_stage(self.ds_config) == 3:
+            prepare_zero_init()
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: HF builds under zero.Init
+
+        torch.manual_seed(cfg.train.seed)
+        base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
+        model = QuietStarModel.from_base(base, self.tokenizer)
+        if cfg.model.gradient_checkpointing:
+            if hasattr(base, "activation_checkpointing_enable"):   # transformers >= 5.2x
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.loss_checkpointing = True
+        self.engine = build_engine(model, cfg, self.ds_config)
+        self.model: QuietStarModel = self.engine.module
+        self.signature = self._signature()
+
+        self.step, self.samples = 0, 0
+        data_state = None
+        resume_path = ckpt.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+        if resume_path is not None:
+            meta = ckpt.read_meta(resume_path)
+            ckpt.check_compatible(meta, self.signature, self.world, resume_path)
+            ckpt.load(self.engine, resume_path)
+            self.step, self.samples, data_state = meta["step"], meta["samples"], meta["data_state"]
+        d = cfg.data
+        self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,
+                                     d.subset, d.seed, state=data_state)
+        self.resumed_from = resume_path
+        self.logger = MetricsLogger(cfg.train.output_dir, cfg.train.wandb, cfg.train.wandb_project,
+                                    config=dataclasses.asdict(cfg))
+        if self.rank == 0:
+            self._write_template()
+
+    # ---- setup helpers --------------------------------------------------------------------
+    def _signature(self) -> dict:
+        c = self.model.base.config
+        t = self.cfg.thought
+        return {"model": self.cfg.model.name, "model_type": c.model_type, "hidden_size": c.hidden_size,
+                "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+                "sot_id": self.model.sot_id, "eot_id": self.model.eot_id, "thought_len": t.thought_len,
+                "n_thoughts": t.n_thoughts, "talk_len": t.talk_len, "seq_len": self.cfg.data.seq_len}
+
+    def _write_template(self) -> None:
+        """Base config + tokenizer (with thought tokens): what tools/export_hf.py rebuilds from."""
+        path = os.path.join(self.cfg.train.output_dir, TEMPLATE_DIR)
+        os.makedirs(path, exist_ok=True)
+        self.model.base.config.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(self.cfg.train.output_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(self.cfg))
+
+    def describe(self) -> str:
+        p, c = self.plan, self.cfg
+        return (f"qstar_ds: {self.world} rank(s) on {self.device_type}, {self.dtype}, ZeRO stage "
+                f"{zero_stage(self.ds_config)}; model {c.model.name}; n={c.data.seq_len} r={c.thought.n_thoughts} "
+                f"thought_len={c.thought.thought_len} K={c.thought.talk_len}; batch {c.train.batch_size} seq/step, "
+                f"{p.n_streams} streams/seq in {p.chunks_per_seq} chunk(s) of <= {p.streams_per_chunk} "
+                f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}"
+                + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
+
+    # ---- one optimizer step -----------------------------------------------------------------
+    def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> thoughts (B, M, t), rewards (B, M), mixing weights (B, M, K): every sequence's
+        rollout, computed by its owner rank and all-gathered."""
+        B = x.shape[0]
+        per_rank = -(-B // self.world)
+        positions = default_positions(x.shape[1], self.cfg.thought.talk_len, self.device)
+        th, rw, mw = [], [], []
+        for j in range(per_rank):
+            seq = min(self.rank * per_rank + j, B - 1)   # past the end: repeat, result dropped
+            ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[seq:seq + 1],
+                             attention_mask=am[seq:seq + 1], positions=positions,
+                             generator=sequence_generator(self.cfg.train.seed, self.step, seq, self.device)))
+            th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float()); mw.append(ro.mix_w[0].float())
+        local = [torch.stack(v) for v in (th, rw, mw)]                          # (per_rank, ...)
+        if self.world == 1:
+            return tuple(v[:B] for v in local)
+        out = []
+        for v in local:
+            buf = [torch.empty_like(v) for _ in range(self.world)]
+            dist.all_gather(buf, v)
+            out.append(torch.cat(buf)[:B])
+        return tuple(out)
+
+    def train_step(self, x: torch.Tensor, am: torch.Tensor) -> dict:
+        cfg, plan = self.cfg, self.plan
+        x, am = x.to(self.device), am.to(self.device)
+        B, n = x.shape
+        t0 = time.perf_counter()
+        thoughts, rewards, mix_w = self._rollouts(x, am)
+        t_roll = time.perf_counter() - t0
+        positions = default_positions(n, cfg.thought.talk_len, self.device)
+        anchor = positions.repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)  # (B, M)
+        valid = stream_validity(am.bool(), anchor, cfg.thought.talk_len)                # (B, M)
+        base_mask = base_target_mask(am.bool())
+        norm = Normalizer(float(valid.sum()), float(base_mask.sum()))                    # global counts
+
+        chunks = plan.chunks()
+        mine = chunks[self.rank::self.world]
+        weights = [1.0] * len(mine) + [0.0] * (plan.grad_accum - len(mine))
+        mine = mine + [chunks[0]] * (plan.grad_accum - len(mine))
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)             # talk, base, reinforce, total
+        for (seq, a, b), w in zip(mine, weights):
+            out = LearnOutput(**self.engine(mode="learn", cfg=cfg.thought, input_ids=x[seq:seq + 1],
+                              attention_mask=am[seq:seq + 1], anchor=anchor[seq:seq + 1, a:b],
+                              thoughts=thoughts[seq:seq + 1, a:b], rewards=rewards[seq:seq + 1, a:b],
+                              norm=norm, base_loss=(a == 0)))
+            self.engine.backward(out.loss * (w * self.world), scale_wrt_gas=False)
+            self.engine.step()
+            sums += w * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
+                                     out.losses["reinforce"].detach(), out.loss.detach()]).double()
+        if self.world > 1:
+            dist.all_reduce(sums)
+        dt = time.perf_counter() - t0
+        v = valid
+        r = rewards[v]
+        gn = self.engine.get_global_grad_norm()
+        return {"loss": sums[3].item(), "loss_talk": sums[0].item(), "loss_base": sums[1].item(),
+                "loss_reinforce": sums[2].item(), "reward_mean": r.mean().item() if r.numel() else 0.0,
+                "reward_pos_frac": (r > 0).float().mean().item() if r.numel() else 0.0,
+                "mix_w_mean": mix_w[v].mean().item() if r.numel() else 0.0,
+                "grad_norm": float(gn) if gn is not None else float("nan"),
+                "lr": self.engine.get_lr()[0], "tokens_per_s": B * n / dt, "step_time_s": dt,
+                "rollout_time_s": t_roll}, (x, thoughts, rewards, anchor, valid)
+
+    def _thought_rows(self, x, thoughts, rewards, anchor, valid, k: int = 8) -> list[dict]:
+        rows = []
+        idx = valid[0].nonzero().flatten()
+        for m in idx[torch.argsort(rewards[0, idx], descending=True)[:k]].tolist():
+            i = int(anchor[0, m])
+            rows.append({"position": i, "context": self.tokenizer.decode(x[0, max(0, i - 8):i + 1]),
+                         "thought": self.tokenizer.decode(thoughts[0, m]), "reward": float(rewards[0, m])})
+        return rows
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        print0(self.describe())
+        print0("resolved config:\n" + to_yaml(self.cfg))
+        self.logger.line(self.describe())
+        self.engine.train()
+        bar = progress(cfg.max_steps, self.step)
+        last = {}
+        while self.step < cfg.max_steps:
+            x, am = self.stream.next_batch(cfg.batch_size)
+            metrics, sample = self.train_step(x, am)
+            self.step += 1
+            self.samples += cfg.batch_size
+            last = metrics
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.logger.log(self.step, {"samples": self.samples, **metrics})
+            if cfg.thought_table_every and self.step % cfg.thought_table_every == 0 and self.rank == 0:
+                self.logger.log_thoughts(self.step, self._thought_rows(*sample))
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", talk=f"{metrics['loss_talk']:.3f}",
+                            base=f"{metrics['loss_base']:.3f}", rl=f"{metrics['loss_reinforce']:.3g}",
+                            rew=f"{metrics['reward_mean']:.3g}", pos=f"{metrics['reward_pos_frac']:.2f}",
+                            w=f"{metrics['mix_w_mean']:.3g}", gn=f"{metrics['grad_norm']:.3g}",
+                            lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        return last
+
+    def save(self) -> str:
+        meta = {"step": self.step, "samples": self.samples, "data_state": self.stream.state(),
+                "config": dataclasses.asdict(self.cfg), "signature": self.signature,
+                "world_size": self.world, "dtype": str(self.dtype).removeprefix("torch."),
+                "template": os.path.abspath(os.path.join(self.cfg.train.output_dir, TEMPLATE_DIR))}
+        path = ckpt.save(self.engine, self.cfg.train.output_dir, self.step, meta, self.cfg.train.keep_last)
+        self.logger.line(f"checkpoint {path}")
+        return path
+
+    def close(self) -> None:
+        self.logger.close()
