@@ -102,11 +102,16 @@ class ModelConfig:
     """Training dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."""
     gradient_checkpointing: bool = True
     """Recompute the transformer layers and the vocabulary-sized loss tensors in backward."""
+    mixing_init_std: float = 0.0
+    """0: the mixing head's last layer starts at zero, so training starts from the base LM
+    exactly (the paper's choice). > 0: the whole mixing head starts N(0, std) (seeded), so that
+    thoughts matter from the first step (tests, experiments)."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype", self.dtype,
                  "must be auto, float32 or bfloat16")
         _require(bool(self.name), "model.name", self.name, "must not be empty")
+        _require(self.mixing_init_std >= 0, "model.mixing_init_std", self.mixing_init_std, "must be >= 0")
 
 
 @dataclass

@@ -113,12 +113,10 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
     h = model.hidden(ids, layout)                                              # (B, S, H)
     h_base, h_st = h[:, :n], h[:, n:].unflatten(1, (M, L))                     # (B,n,H), (B,M,L,H)
 
-    base_mask = base_target_mask(base_valid)
-    if base_loss:
-        base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:])                # (B, n-1)
-    else:
-        base_logp = h_base.new_zeros(B, n - 1, dtype=torch.promote_types(h.dtype, torch.float32))
-        base_mask = torch.zeros_like(base_mask)
+    # Computed even when not counted (base_loss=False): under ZeRO-3 every rank must call the
+    # same modules in the same order, whatever its chunk.
+    base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:])                    # (B, n-1)
+    base_mask = base_target_mask(base_valid) & base_loss
     thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature)  # (B, M, t)
     talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor)
 

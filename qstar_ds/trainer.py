@@ -33,7 +33,7 @@ from .engine import (build_engine, device_type, fill_ds_config, init_distributed
 from .hub import build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
-from .model import QuietStarModel
+from .model import QuietStarModel, gathered
 from .learn import LearnOutput
 from .rollout import Rollout, default_positions
 
@@ -45,6 +45,15 @@ def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq)
     return g
+
+
+def randomize_mixing_head(model: QuietStarModel, std: float, seed: int) -> None:
+    """N(0, std) mixing-head weights, identical on every rank (before the optimizer exists)."""
+    params = list(model.mixing_head.parameters())
+    g = torch.Generator().manual_seed(seed + 12345)
+    with gathered(params), torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(tuple(p.shape), generator=g) * std).to(p.dtype))
 
 
 class Trainer:
@@ -64,6 +73,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
         model = QuietStarModel.from_base(base, self.tokenizer)
+        if cfg.model.mixing_init_std > 0:
+            randomize_mixing_head(model, cfg.model.mixing_init_std, cfg.train.seed)
         if cfg.model.gradient_checkpointing:
             if hasattr(base, "activation_checkpointing_enable"):   # transformers >= 5.2x
                 base.activation_checkpointing_enable({"use_reentrant": False})

@@ -1,0 +1,129 @@
+"""The DeepSpeed trainer under ZeRO-3 on CPU (gloo), 1 and 2 ranks: equality with a one-process
+run of the core learn pass, invariance to rank count and chunk size, and the optimizer plumbing.
+
+Optimizer: plain SGD (lr 0.05, no momentum, no weight decay) so that a parameter update is the
+(clipped) gradient itself: Adam's first steps are ~lr * sign(grad) and would hide wrong gradients.
+The mixing head starts random (not zero) so that thoughts, rewards and REINFORCE matter from the
+first step and every parameter gets a real gradient. Two optimizer steps (the second one sees the
+first one's update). No clipping (it would hide a wrong gradient scale) except where a test
+checks clipping itself. float32 (DeepSpeed's ZeRO optimizer keeps float32 master weights).
+Tolerance: per tensor, |ours - reference| <= 1e-3 * max|update| + 4 float32 ulps of the
+parameter's magnitude (p + update is rounded at ulp(p)).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qstar_ds.cli import make_config
+from qstar_ds.data import SequenceStream
+from qstar_ds.engine import lr_lambda
+from qstar_ds.hub import build_base
+from qstar_ds.learn import learn_pass
+from qstar_ds.model import QuietStarModel
+from qstar_ds.rollout import default_positions, rollout
+from qstar_ds.trainer import sequence_generator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+SGD_JSON = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
+COMMON = {"model.mixing_init_std": 0.1, "optim.lr": 0.05, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.decay": "constant",
+          "optim.grad_clip": 0.0, "train.max_steps": 2, "train.save_every": 0, "train.batch_size": 3}
+_port = [29700]
+
+
+def launch(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node nproc <args> (CPU accelerator, gloo)."""
+    _port[0] += 1
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_port[0]}"] + args
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def run_worker(tmp_path, name: str, nproc: int, overrides: dict) -> dict:
+    ds = tmp_path / "sgd.json"
+    ds.write_text(json.dumps(SGD_JSON))
+    dump = tmp_path / f"{name}.pt"
+    args = [WORKER, str(dump), "--preset", "debug_cpu", "--ds_config", str(ds),
+            "--output_dir", str(tmp_path / name)]
+    for k, v in {**COMMON, **overrides}.items():
+        args += [f"--{k}", str(v)]
+    launch(args, nproc)
+    return torch.load(dump)
+
+
+def reference_run(init: dict, overrides: dict) -> dict:
+    """The same training, one process, no DeepSpeed: full-batch learn pass, torch SGD."""
+    cfg = make_config("debug_cpu", None, {**COMMON, **overrides})
+    base, tok = build_base(cfg.model.name, torch.float32, None, cfg.train.seed)
+    model = QuietStarModel.from_base(base, tok)
+    model.load_state_dict(init)
+    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult)
+    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    d = cfg.data
+    stream = SequenceStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed)
+    for step in range(cfg.train.max_steps):
+        x, am = stream.next_batch(cfg.train.batch_size)
+        pos = default_positions(x.shape[1], cfg.thought.talk_len)
+        ros = [rollout(model, cfg.thought, x[s:s + 1], am[s:s + 1], pos,
+                       sequence_generator(cfg.train.seed, step, s, "cpu")) for s in range(x.shape[0])]
+        thoughts = torch.cat([r.thoughts for r in ros])
+        rewards = torch.cat([r.rewards for r in ros])
+        anchor = torch.cat([r.anchor for r in ros])
+        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=rewards)
+        opt.zero_grad()
+        out.loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, out
+
+
+def assert_same_update(init: dict, a: dict, b: dict, tol: float = 1e-3) -> None:
+    assert set(a) == set(b)
+    moved = 0
+    for k in a:
+        upd = (b[k] - init[k]).abs().max().item()
+        moved += upd > 0
+        err = (a[k] - b[k]).abs().max().item()
+        ulp = 4 * torch.finfo(b[k].dtype).eps * b[k].abs().max().item()
+        assert err <= tol * upd + ulp, f"{k}: differs by {err:.3g}, update {upd:.3g}"
+    assert moved == len(a), "every parameter must move, or the comparison proves nothing"
+
+
+def test_two_ranks_zero3_equal_one_process_reference(tmp_path):
+    two = run_worker(tmp_path, "two", 2, {})
+    ref, out = reference_run(two["init"], {})
+    assert out.losses["reinforce"].abs() > 0, "step 2 must carry a REINFORCE gradient"
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_rank_count_and_chunk_size_do_not_change_the_update(tmp_path):
+    # batch 2: 2 ranks x 1 micro-step each (one chunk per sequence) vs 1 rank x 2 micro-steps
+    two = run_worker(tmp_path, "two", 2, {"train.batch_size": 2, "train.chunk_tokens": 1000})
+    one = run_worker(tmp_path, "one", 1, {"train.batch_size": 2, "train.chunk_tokens": 1000})
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-6)
+    assert_same_update(one["init"], two["final"], one["final"])
+    # small chunks (4 streams each) vs one chunk per sequence, with global-norm clipping on
+    small = run_worker(tmp_path, "small", 1, {"train.batch_size": 2, "train.chunk_tokens": 40,
+                                              "optim.grad_clip": 1.0})
+    large = run_worker(tmp_path, "large", 1, {"train.batch_size": 2, "train.chunk_tokens": 1000,
+                                              "optim.grad_clip": 1.0})
+    assert small["metrics"]["grad_norm"] > 1.0, "clipping must be active for this comparison"
+    assert_same_update(large["init"], small["final"], large["final"])
