@@ -18,8 +18,14 @@ from typing import Iterator
 
 import torch
 
+from .config import ConfigError
+
 ARITH = "arith"
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ConfigError):
+    """Training data that cannot be used as configured (missing file, column, bad row)."""
 
 
 # ---- the built-in corpus ------------------------------------------------------------------
@@ -56,23 +62,28 @@ def arith_document(seed: int, index: int) -> str:
 
 
 # ---- documents ------------------------------------------------------------------------------
+def _arith_documents(seed: int, start: int) -> Iterator[str]:
+    i = start
+    while True:
+        yield arith_document(seed, i)
+        i += 1
+
+
 def iter_documents(source: str, split: str = "train", text_field: str = "text", subset: str | None = None,
                    seed: int = 0, start: int = 0) -> Iterator[str]:
-    """Documents from `start` on (see module docstring for the sources)."""
+    """Documents from `start` on (see module docstring for the sources). The source is opened
+    and checked here, not at the first document: a bad path or field fails before training."""
     if source == ARITH:
-        i = start
-        while True:
-            yield arith_document(seed, i)
-            i += 1
+        return _arith_documents(seed, start)
     import datasets
 
     ext = os.path.splitext(source)[1].lower()
     if ext in _FILE_BUILDERS or os.path.exists(source):
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"data.source={source!r}: no such file")
+            raise DataError(f"data.source={source!r}: no such file")
         if ext not in _FILE_BUILDERS:
-            raise ValueError(f"data.source={source!r}: unsupported file type {ext!r}; "
-                             f"use one of {sorted(_FILE_BUILDERS)}")
+            raise DataError(f"data.source={source!r}: unsupported file type {ext!r}; "
+                            f"use one of {sorted(_FILE_BUILDERS)}")
         ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=source, split="train")
         where = source
     else:
@@ -80,15 +91,16 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text", 
         where = f"{source} ({split})"
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_field not in columns:
-        raise ValueError(f"data.text_field={text_field!r} is not a column of {where}; columns: {columns}")
-    if hasattr(ds, "__len__"):
-        rows = (ds[i] for i in range(start, len(ds)))
-    else:
-        rows = iter(ds.skip(start))
+        raise DataError(f"data.text_field={text_field!r} is not a column of {where}; columns: {columns}")
+    rows = (ds[i] for i in range(start, len(ds))) if hasattr(ds, "__len__") else iter(ds.skip(start))
+    return _texts(rows, start, text_field, where)
+
+
+def _texts(rows, start: int, text_field: str, where: str) -> Iterator[str]:
     for k, row in enumerate(rows, start):
         text = row.get(text_field)
         if not isinstance(text, str):
-            raise ValueError(f"{where}: row {k} has no string field {text_field!r} (got {type(text).__name__})")
+            raise DataError(f"{where}: row {k} has no string field {text_field!r} (got {type(text).__name__})")
         yield text
 
 
@@ -108,7 +120,7 @@ class SequenceStream:
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         if pack and self.eos is None:
-            raise ValueError("data.pack=true needs a tokenizer with an EOS token to separate documents")
+            raise DataError("data.pack=true needs a tokenizer with an EOS token to separate documents")
 
     def state(self) -> dict:
         return {"doc_index": self.doc_index, "buffer": list(self.buffer), "sequences": self.sequences,
@@ -118,7 +130,7 @@ class SequenceStream:
         try:
             text = next(self._docs)
         except StopIteration:
-            raise RuntimeError(f"data.source={self.source_args['source']!r} ran out after "
+            raise DataError(f"data.source={self.source_args['source']!r} ran out after "
                                f"{self.doc_index} documents ({self.sequences} sequences)") from None
         self.doc_index += 1
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,152 @@
+"""train.py as users run it: bad input gives one clear line, SIGKILL + --resume auto continues
+with the same losses, checkpoints that were being written are never resumed from, resumes that
+change the model or the world size are refused, export to a HF directory round-trips."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_trainer import ROOT, SGD_JSON, launch
+
+TRAIN = os.path.join(ROOT, "qstar_ds", "train.py")
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+
+def run_single(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """train.py as one process, no launcher."""
+    return subprocess.run([sys.executable, TRAIN] + args, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in their own
+    sessions, so killing its process group alone would leave them running)."""
+    import psutil
+    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def steps_logged(out_dir) -> dict[int, float]:
+    """{step: loss} from metrics.jsonl (the last line of a step wins: a resumed run rewrites it)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                out[d["step"]] = d["loss"]
+    return out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--thought.thought_len", "0"], "thought.thought_len=0: must be an integer >= 1"),
+    (["--thought.talk_len", "0"], "thought.talk_len=0: must be an integer >= 1"),
+    (["--data.seq_len", "3", "--thought.talk_len", "3"], "data.seq_len=3: is shorter than thought.talk_len + 1 = 4"),
+    (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
+    (["--thought.beta", "big"], "thought.beta='big': expected a number"),
+    (["--no.such_key", "1"], "unknown config key 'no.such_key'"),
+    (["--preset", "gpt5"], "preset='gpt5': unknown"),
+    (["--ds_config", "missing.json"], "ds_config='missing.json': no such file"),
+    (["--config", "missing.yaml"], "config='missing.yaml'"),
+    (["--data.source", "/nonexistent/corpus.jsonl"], "data.source='/nonexistent/corpus.jsonl': no such file"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    res = run_single(["--preset", "debug_cpu", "--output_dir", str(tmp_path)] + args)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("qstar_ds: error: ") and expected in last, last
+
+
+def test_ds_json_batch_fields_that_contradict_are_refused(tmp_path):
+    ds = dict(SGD_JSON, gradient_accumulation_steps=3)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    res = run_single(["--preset", "debug_cpu", "--ds_config", str(tmp_path / "ds.json"),
+                      "--output_dir", str(tmp_path / "out")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "gradient_accumulation_steps=3 contradicts train.batch_size=2" in last, last
+
+
+def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
+    common = ["--preset", "debug_cpu", "--ds_config", "ds_configs/zero3.json", "--max_steps", "30",
+              "--train.save_every", "4", "--train.keep_last", "2"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    launch([TRAIN] + common + ["--output_dir", str(ref_dir)], nproc=2)
+    ref = steps_logged(ref_dir)
+    assert sorted(ref) == list(range(1, 31))
+
+    # the same run, killed with SIGKILL (launcher and both ranks) once step 10 is logged
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29877",
+           TRAIN] + common + ["--output_dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, env=dict(ENV, PYTHONWARNINGS="ignore"), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while max(steps_logged(run_dir), default=0) < 10:
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "training did not reach step 10"
+        time.sleep(0.05)
+    kill_tree(proc)
+    killed_at = max(steps_logged(run_dir))
+    assert killed_at < 30, "the kill came too late to test anything"
+    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
+    complete = [c for c in ckpts if (run_dir / "checkpoints" / c / "COMPLETE").exists()]
+    assert complete, ckpts
+    resume_step = int(complete[-1].split("_")[1])
+    # a save that was cut short (here: a newer step folder without COMPLETE) must be ignored
+    partial = run_dir / "checkpoints" / f"step_{resume_step + 1:08d}"
+    partial.mkdir(exist_ok=True)
+    (partial / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"truncated")
+
+    res = launch([TRAIN] + common + ["--output_dir", str(run_dir), "--resume", "auto"], nproc=2)
+    assert f"resumed from {run_dir / 'checkpoints' / complete[-1]} (step {resume_step})" in res.stdout + res.stderr
+    got = steps_logged(run_dir)
+    assert sorted(got) == list(range(1, 31))
+    for step in range(resume_step + 1, 31):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
+    assert not partial.exists(), "the interrupted save should be cleaned up by the next good one"
+    assert len([c for c in os.listdir(run_dir / "checkpoints") if c.startswith("step_")]) == 2  # keep_last
+
+
+def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(tmp_path):
+    out = tmp_path / "out"
+    base = ["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "2"]
+    res = run_single(base)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    res = run_single(base + ["--max_steps", "3", "--thought.thought_len", "3"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "thought_len: 2 -> 3" in res.stderr.strip().splitlines()[-1]
+    with pytest.raises(AssertionError, match="written by 1 ranks, now 2"):
+        launch([TRAIN] + base + ["--max_steps", "3"], nproc=2)
+
+    # export: the HF directory loads without DeepSpeed and holds the trained values
+    from qstar_ds.model import QuietStarModel, load_tokenizer
+    exp = tmp_path / "hf"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_hf.py"), str(out), str(exp)],
+                         env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = QuietStarModel.from_pretrained(str(exp))
+    tok = load_tokenizer(str(exp))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000002")
+    for name, p in model.named_parameters():
+        want = state[name].clone()
+        if name == "base.model.embed_tokens.weight":   # save writes the learned marker vectors there
+            want[[model.sot_id, model.eot_id]] = state["thought_embedding.weight"]
+        assert torch.equal(p, want), name
+    assert torch.count_nonzero(model.mixing_head.net[-1].weight) > 0   # trained, not re-initialised
+    assert tok.convert_tokens_to_ids("<|startofthought|>") == model.sot_id
