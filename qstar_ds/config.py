@@ -246,12 +246,12 @@ PRESETS: dict[str, dict] = {
         "train": {"max_steps": 4, "batch_size": 2, "chunk_tokens": 80, "save_every": 2,
                   "thought_table_every": 2},
     },
-    "smollm2": {
+    "smollm2": {  # the default: sized so that a step takes seconds, not minutes, on a laptop CPU
         "model": {"name": "smollm2"},
-        "data": {"source": "arith", "seq_len": 128},
+        "data": {"source": "arith", "seq_len": 64},
         "thought": {"thought_len": 8, "n_thoughts": 2, "talk_len": 4},
         "optim": {"lr": 1e-5, "warmup_steps": 10},
-        "train": {"max_steps": 100, "batch_size": 2, "chunk_tokens": 1024, "save_every": 25,
+        "train": {"max_steps": 100, "batch_size": 1, "chunk_tokens": 2048, "save_every": 25,
                   "thought_table_every": 10},
     },
     "mistral7b_owm": {  # the paper's run (QUIET_STAR.md "Reference defaults")

@@ -10,6 +10,19 @@ from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
 DEVICE = os.environ.get("QSTAR_TEST_DEVICE", "cpu")
 
 
+def pytest_sessionstart(session):
+    """Build DeepSpeed's CPU communication extension once, before any test launches ranks (it is
+    cached in TORCH_EXTENSIONS_DIR; two ranks building it at once would only wait on a lock)."""
+    if DEVICE != "cpu":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    except ImportError:
+        return
+    ShareMemCommBuilder().load(verbose=False)
+
+
 def gen(seed: int) -> torch.Generator:
     """A seeded generator on the test device (sampling draws its noise there)."""
     return torch.Generator(device=DEVICE).manual_seed(seed)

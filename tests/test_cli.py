@@ -150,3 +150,33 @@ def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(
         assert torch.equal(p, want), name
     assert torch.count_nonzero(model.mixing_head.net[-1].weight) > 0   # trained, not re-initialised
     assert tok.convert_tokens_to_ids("<|startofthought|>") == model.sot_id
+
+
+def test_logging_text_jsonl_thought_table_and_wandb_offline(tmp_path):
+    out = tmp_path / "out"
+    res = run_single(["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2",
+                      "--train.thought_table_every", "1", "--train.wandb", "offline"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == [1, 2]
+    for key in ("loss", "loss_talk", "loss_base", "loss_reinforce", "reward_mean", "reward_pos_frac",
+                "mix_w_mean", "grad_norm", "lr", "tokens_per_s"):
+        assert key in lines[-1], key
+    log = (out / "train.log").read_text()
+    assert "thought step=1" in log and "thought step=2" in log
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run folder missing"
+    assert "train: 100%" in res.stderr                              # the progress bar
+    assert (out / "config.yaml").read_text().startswith("model:")   # resolved config stored
+
+
+@pytest.mark.slow
+def test_default_command_trains_smollm2(tmp_path):
+    """`deepspeed qstar_ds/train.py --ds_config ds_configs/zero3.json`, as in the README (plus a
+    step limit and an output folder), on the real SmolLM2-135M."""
+    cmd = ["deepspeed", TRAIN, "--ds_config", "ds_configs/zero3.json", "--max_steps", "2",
+           "--output_dir", str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "model smollm2" in res.stdout and "ZeRO stage 3" in res.stdout
+    assert sorted(steps_logged(tmp_path / "out")) == [1, 2]
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
