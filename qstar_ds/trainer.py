@@ -30,7 +30,7 @@ from .config import Config
 from .data import SequenceStream
 from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
                      plan_step, prepare_zero_init, resolve_dtype, zero_stage)
-from .hub import build_base
+from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
 from .model import QuietStarModel, gathered
@@ -65,7 +65,9 @@ class Trainer:
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)
-        if zero_stage(self.ds_config) == 3:
+        # ZeRO-3: build real models partitioned (zero.Init). Tiny test models are built whole, so
+        # that a seed gives the same initial weights under every ZeRO stage and in one process.
+        if zero_stage(self.ds_config) == 3 and not cfg.model.name.startswith(TINY_PREFIX):
             prepare_zero_init()
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: HF builds under zero.Init

@@ -11,16 +11,17 @@ DEVICE = os.environ.get("QSTAR_TEST_DEVICE", "cpu")
 
 
 def pytest_sessionstart(session):
-    """Build DeepSpeed's CPU communication extension once, before any test launches ranks (it is
-    cached in TORCH_EXTENSIONS_DIR; two ranks building it at once would only wait on a lock)."""
+    """Build DeepSpeed's CPU extensions once, before any test launches ranks (~1 min the first
+    time, then cached in TORCH_EXTENSIONS_DIR; two ranks building at once would wait on a lock)."""
     if DEVICE != "cpu":
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+        from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
     except ImportError:
         return
     ShareMemCommBuilder().load(verbose=False)
+    CPUAdamBuilder().load(verbose=False)     # DeepSpeedCPUAdam, used by zero3_offload.json
 
 
 def gen(seed: int) -> torch.Generator:

@@ -180,3 +180,32 @@ def test_default_command_trains_smollm2(tmp_path):
     assert "model smollm2" in res.stdout and "ZeRO stage 3" in res.stdout
     assert sorted(steps_logged(tmp_path / "out")) == [1, 2]
     assert (tmp_path / "out" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+
+
+def test_every_shipped_ds_config_trains(tmp_path):
+    first = {}
+    for ds in ("zero2", "zero3", "zero3_offload"):
+        out = tmp_path / ds
+        res = run_single(["--preset", "debug_cpu", "--ds_config", f"ds_configs/{ds}.json",
+                          "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "0"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"ZeRO stage {2 if ds == 'zero2' else 3}" in res.stdout
+        losses = steps_logged(out)
+        assert sorted(losses) == [1, 2] and losses[2] != losses[1]
+        first[ds] = losses[1]
+    # step 1 is computed before any update: the same model and data under every config
+    assert first["zero2"] == pytest.approx(first["zero3"], rel=1e-6)
+    assert first["zero3_offload"] == pytest.approx(first["zero3"], rel=1e-6)
+
+
+def test_yaml_config_merges_between_preset_and_command_line(tmp_path):
+    from qstar_ds.cli import parse_args
+    y = tmp_path / "run.yaml"
+    y.write_text("thought:\n  thought_len: 5\n  talk_len: 3\ntrain:\n  max_steps: 9\n")
+    cfg, _ = parse_args(["--preset", "debug_cpu", "--config", str(y), "--train.max_steps", "11"])
+    assert (cfg.thought.thought_len, cfg.thought.talk_len, cfg.train.max_steps) == (5, 3, 11)
+    assert cfg.model.name == "tiny-llama"                    # from the preset
+    y.write_text("thought:\n  thoughtlen: 5\n")
+    from qstar_ds.config import ConfigError
+    with pytest.raises(ConfigError, match="unknown config key 'thought.thoughtlen'"):
+        parse_args(["--preset", "debug_cpu", "--config", str(y)])
