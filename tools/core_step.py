@@ -15,7 +15,7 @@ import time
 import torch
 
 from qstar_ds.config import ThoughtConfig
-from qstar_ds.hub import load_base
+from qstar_ds.hub import build_base
 from qstar_ds.learn import learn_pass
 from qstar_ds.model import QuietStarModel
 from qstar_ds.rollout import rollout
@@ -28,7 +28,7 @@ TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold hal
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2",
-                    help="smollm2, smollm2-random (same shape, random weights, no download), "
+                    help="smollm2, random-smollm2 (same shape, random weights, no download), "
                          "a local HF directory or a hub name")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--r", type=int, default=2)
@@ -43,17 +43,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    if args.model == "smollm2-random":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-        from qstar_ds.tiny import tiny_tokenizer
-        tok = tiny_tokenizer()
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-            max_position_embeddings=8192, rms_norm_eps=1e-5), attn_implementation="sdpa").to(dtype)
-    else:
-        base, tok = load_base(args.model, dtype=dtype)
+    base, tok = build_base(args.model, dtype)
     model = QuietStarModel.from_base(base, tok).to(args.device)
     print(f"load: {time.perf_counter() - t0:.1f}s")
     ids = tok.encode(TEXT * (args.n // 20 + 1), add_special_tokens=False)[: args.n]

@@ -12,6 +12,6 @@ nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 QSTAR_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_equivalence.py tests/test_rollout.py 2>&1 | tail -6
 for dt in float32 bfloat16; do
-  timeout 120 python3 tools/core_step.py --model smollm2-random --device cuda --dtype $dt --steps 2
+  timeout 120 python3 tools/core_step.py --model random-smollm2 --device cuda --dtype $dt --steps 2
 done
-timeout 150 python3 tools/core_step.py --model smollm2-random --device cuda --dtype bfloat16 --n 256 --thought_len 16 --steps 1
+timeout 150 python3 tools/core_step.py --model random-smollm2 --device cuda --dtype bfloat16 --n 256 --thought_len 16 --steps 1
