@@ -209,3 +209,23 @@ def test_yaml_config_merges_between_preset_and_command_line(tmp_path):
     from qstar_ds.config import ConfigError
     with pytest.raises(ConfigError, match="unknown config key 'thought.thoughtlen'"):
         parse_args(["--preset", "debug_cpu", "--config", str(y)])
+
+
+def test_local_model_directory_and_local_jsonl_corpus(tmp_path):
+    """--model.name accepts a local HF directory; --data.source a local jsonl file (the shared
+    OpenWebMath-like sample), cropped and padded to n."""
+    from test_data import shared_file
+    from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
+    corpus = shared_file("owm_sample/text_tiny.jsonl")
+    tok = tiny_tokenizer()
+    tiny_causal_lm("qwen2", len(tok), hidden=64, intermediate=128).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    res = run_single(["--preset", "debug_cpu", "--model.name", str(tmp_path / "hf"), "--data.source", corpus,
+                      "--data.pack", "false", "--data.seq_len", "48", "--output_dir", str(out),
+                      "--max_steps", "2", "--train.chunk_tokens", "200"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"model {tmp_path / 'hf'}" in res.stdout
+    meta = json.loads((out / "checkpoints" / "step_00000002" / "qstar_meta.json").read_text())
+    assert meta["data_state"]["doc_index"] == 4 and meta["data_state"]["source"] == corpus
+    assert meta["signature"]["model_type"] == "qwen2"
