@@ -54,7 +54,11 @@ class ThoughtConfig:
     learning rate. A gradient multiplier would do almost nothing under Adam (scale-invariant per
     element) and would inflate the global grad norm used for clipping, so we use the LR."""
     attention_backend: str = "dense"
-    """Attention backend for thought layouts (see qstar_ds/attention.py)."""
+    """Attention backend for thought layouts (see qstar_ds/attention.py): dense (the reference,
+    O(S^2) mask) or split (base-prefix product + per-stream block, no (S, S) tensor)."""
+    loss_chunk_tokens: int = 0
+    """> 0: log-probs over the vocabulary are computed this many tokens at a time and recomputed
+    in backward, so no (all tokens x vocabulary) tensor is ever alive. 0: in one piece."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.thought_len, int) and self.thought_len >= 1, "thought_len",
@@ -70,6 +74,8 @@ class ThoughtConfig:
                  "reinforce_temperature", self.reinforce_temperature, "must be > 0 or None")
         for key in ("w_talk", "w_base", "beta", "thought_lr_mult"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+                 self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         from .attention import BACKENDS
         _require(self.attention_backend in BACKENDS, "attention_backend", self.attention_backend,
                  f"must be one of {sorted(BACKENDS)}")

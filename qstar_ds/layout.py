@@ -33,6 +33,18 @@ import torch
 BASE = -1
 
 
+@dataclass
+class SplitStructure:
+    """The regular shape of a layout that the split backend relies on (see Layout.structure)."""
+    n: int
+    n_base_queries: int
+    n_streams: int
+    queries_per_stream: int
+    own_keys: torch.Tensor        # (M, Lk) key positions of each stream's own tokens
+    own_visible: torch.Tensor     # (Lq, Lk) bool: own key idx <= query idx
+    base_visible: torch.Tensor    # (B, M, n) bool: real base keys up to the stream's anchor
+
+
 def base_positions(base_valid: torch.Tensor) -> torch.Tensor:
     """(B, n) bool -> (B, n) long position ids: number of valid tokens strictly before each one."""
     return (base_valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -145,6 +157,60 @@ class Layout:
         vis = see_base | (own | self_base)[None]
         self._memo["visible"] = vis
         return vis
+
+    def structure(self) -> SplitStructure:
+        """Describe the layout as [base queries][M streams x Lq queries, stream-major] against
+        keys [n base keys][stream keys, any order, the same idx set for every stream]; raise if it
+        is not of that shape. Memoised."""
+        if "structure" in self._memo:
+            return self._memo["structure"]
+        B, n = self.base_valid.shape
+        dev = self.k_idx.device
+        if len(self.k_stream) < n or bool((self.k_stream[:n] != BASE).any()) or \
+                not torch.equal(self.k_idx[:n], torch.arange(n, device=dev)):
+            raise ValueError("split attention needs the n base tokens as the first keys")
+        nbq = int((self.q_stream == BASE).sum())
+        if bool((self.q_stream[:nbq] != BASE).any()):
+            raise ValueError("split attention needs base queries before stream queries")
+        M = self.num_streams
+        qs, qi = self.q_stream[nbq:], self.q_idx[nbq:]
+        Lq = len(qs) // M if M else 0
+        ks, ki = self.k_stream[n:], self.k_idx[n:]
+        if M:
+            if len(qs) != M * Lq or not torch.equal(qs, torch.arange(M, device=dev).repeat_interleave(Lq)) \
+                    or bool((qi.view(M, Lq) != qi[:Lq]).any()):
+                raise ValueError("split attention needs stream queries grouped by stream, same tokens per stream")
+            order = torch.argsort(ks * (int(ki.max()) + 1 if len(ki) else 1) + ki)
+            Lk = len(ks) // M
+            own = (order + n).view(M, Lk)
+            own_idx = ki[order].view(M, Lk)
+            if len(ks) != M * Lk or bool((ks[order].view(M, Lk) != torch.arange(M, device=dev)[:, None]).any()) \
+                    or bool((own_idx != own_idx[:1]).any()):
+                raise ValueError("split attention needs the same number of own keys for every stream")
+            own_visible = own_idx[0][None, :] <= qi[:Lq][:, None]                 # (Lq, Lk)
+            kpos = torch.arange(n, device=dev)
+            base_visible = self.base_valid[:, None, :] & (kpos[None, None, :] <= self.anchor[:, :, None])
+        else:
+            own = torch.zeros(0, 0, dtype=torch.long, device=dev)
+            own_visible = torch.zeros(0, 0, dtype=torch.bool, device=dev)
+            base_visible = torch.zeros(B, 0, n, dtype=torch.bool, device=dev)
+        st = SplitStructure(n, nbq, M, Lq, own, own_visible, base_visible)
+        self._memo["structure"] = st
+        return st
+
+    def base_additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, n_base_queries, n) float mask of the base queries against the base keys."""
+        key = ("base_additive", dtype)
+        if key not in self._memo:
+            B, n = self.base_valid.shape
+            qi = self.q_idx[self.q_stream == BASE]                                   # (nq,)
+            kpos = torch.arange(n, device=qi.device)
+            vis = self.base_valid[:, None, :] & (kpos[None, None, :] <= qi[None, :, None])
+            vis = vis | (kpos[None, None, :] == qi[None, :, None])     # a padding query sees itself
+            m = torch.zeros(vis.shape, dtype=dtype, device=vis.device)
+            m.masked_fill_(~vis, torch.finfo(dtype).min)
+            self._memo[key] = m[:, None]
+        return self._memo[key]
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, Sq, Sk) float mask: 0 where visible, finfo.min elsewhere. A float mask (not a

@@ -49,13 +49,16 @@ def maybe_checkpoint(model, fn, *args):
     return fn(*args)
 
 
-def logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(..., H) hidden states, (...) targets -> (...) log-probs under the model's output head."""
-    return maybe_checkpoint(model, lambda h_: token_logprobs(model.logits(h_), targets, temperature), h)
+def logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk: int = 0) -> torch.Tensor:
+    """(..., H) hidden states, (...) targets -> (...) log-probs under the model's output head
+    (chunked over tokens when chunk > 0: that path recomputes by itself, no checkpoint needed)."""
+    if chunk > 0:
+        return model.token_logprobs(h, targets, temperature, chunk)
+    return maybe_checkpoint(model, lambda h_: model.token_logprobs(h_, targets, temperature), h)
 
 
 def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_ids: torch.Tensor,
-                  anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  anchor: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """h_base (B, n, H), h_thought (B, M, K, H) -> (talk log-probs (B, M, K), mixing weights
     (B, M, K)). Talk step j mixes the thought state with the base state that predicts the same
     target x_{i+j}, i.e. base token i+j-1."""
@@ -67,7 +70,7 @@ def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_id
 
     def mixed_logprobs(hb_, ht_):
         mixed, w = model.mix(hb_, ht_)
-        return token_logprobs(model.logits(mixed), targets), w
+        return model.token_logprobs(mixed, targets, 1.0, chunk), w
 
     return maybe_checkpoint(model, mixed_logprobs, hb, h_thought)
 
@@ -115,10 +118,11 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
 
     # Computed even when not counted (base_loss=False): under ZeRO-3 every rank must call the
     # same modules in the same order, whatever its chunk.
-    base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:])                    # (B, n-1)
+    ch = cfg.loss_chunk_tokens
+    base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:], chunk=ch)          # (B, n-1)
     base_mask = base_target_mask(base_valid) & base_loss
-    thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature)  # (B, M, t)
-    talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor)
+    thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature, ch)  # (B, M, t)
+    talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor, ch)
 
     valid = stream_validity(base_valid, anchor, K)
     if rewards is None:

@@ -50,6 +50,23 @@ def gathered(params, modifier_rank: int | None = 0):
     return contextlib.nullcontext()
 
 
+class ChunkedLogprobHead(nn.Module):
+    """Log-probs of targets under the output head, computed in chunks (losses.chunked_token_logprobs).
+    A module of its own so that, under ZeRO-3, the output weight it reads directly can be
+    registered as its external parameter and gathered for its forward."""
+
+    def __init__(self, lm_head: nn.Linear, masked_ids: list[int]):
+        super().__init__()
+        self._lm_head = [lm_head]          # a list: not registered twice as a submodule
+        self.register_buffer("masked", torch.tensor(masked_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        from .losses import chunked_token_logprobs
+        head = self._lm_head[0]
+        return chunked_token_logprobs(h, head.weight, head.bias, targets, self.masked.to(h.device),
+                                      temperature, chunk)
+
+
 class MixingHead(nn.Module):
     """w = MLP([h_base; h_thought]): 2H -> H -> H -> 1 with ReLU; unbounded (no sigmoid), as the
     reference. The last layer starts at zero, so w = 0 and the model equals the base LM at step 0."""
@@ -139,6 +156,7 @@ class QuietStarModel(nn.Module):
         self.thought_embedding = ThoughtEmbedding(init.to(dtype=emb.dtype, device=emb.device),
                                                   self.sot_id, self.eot_id)
         self.mixing_head = MixingHead(hidden, dtype=emb.dtype, device=emb.device)
+        self.chunked_logprobs = ChunkedLogprobHead(base.get_output_embeddings(), [self.sot_id, self.eot_id])
         # transformers >= 5.24 calls the KV cache `cache`; earlier 5.x `past_key_values`
         params = inspect.signature(base.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -256,6 +274,15 @@ class QuietStarModel(nn.Module):
         z = self.lm_head(h)                     # in place is safe: mm's backward never reads its output
         idx = torch.tensor([self.sot_id, self.eot_id], device=z.device)
         return z.index_fill_(-1, idx, float("-inf"))
+
+    def token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       chunk: int = 0) -> torch.Tensor:
+        """(..., H), (...) -> (...) log-probs of `targets` (markers masked), in row chunks of
+        `chunk` with recomputation in backward when chunk > 0."""
+        if chunk > 0:
+            return self.chunked_logprobs(h, targets, temperature, chunk)
+        from .losses import token_logprobs
+        return token_logprobs(self.logits(h), targets, temperature)
 
     def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mixed hidden (..., H), w (...,)). h = (1-w) h_base + w h_thought; since lm_head is

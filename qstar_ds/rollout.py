@@ -95,7 +95,7 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
                       talk_targets(input_ids, anchor, K - 1)], dim=-1)         # (B, M, K+1)
     layout = layout.extend(t, K + 1)
     h = model.hidden(last.flatten(1), layout, cache).unflatten(1, (M, K + 1))  # (B, M, K+1, H)
-    talk_logp, mix_w = talk_logprobs(model, h_base, h[:, :, 1:], input_ids, anchor)
+    talk_logp, mix_w = talk_logprobs(model, h_base, h[:, :, 1:], input_ids, anchor, cfg.loss_chunk_tokens)
     valid = stream_validity(base_valid, anchor, K)
     rewards = compute_rewards(talk_logp.sum(-1), valid, r)
     return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid)
