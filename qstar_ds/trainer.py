@@ -92,8 +92,8 @@ class Trainer:
         self.engine = build_engine(model, cfg, self.ds_config)
         self.model: QuietStarModel = self.engine.module
         if zero_stage(self.ds_config) == 3:  # the chunked loss reads the output weight directly
-            from deepspeed.zero import register_external_parameter
-            register_external_parameter(self.model.chunked_logprobs, self.model.lm_head.weight)
+            import deepspeed
+            deepspeed.zero.register_external_parameter(self.model.chunked_logprobs, self.model.lm_head.weight)
         self.signature = self._signature()
 
         self.step, self.samples = 0, 0

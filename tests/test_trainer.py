@@ -127,3 +127,13 @@ def test_rank_count_and_chunk_size_do_not_change_the_update(tmp_path):
                                               "optim.grad_clip": 1.0})
     assert small["metrics"]["grad_norm"] > 1.0, "clipping must be active for this comparison"
     assert_same_update(large["init"], small["final"], large["final"])
+
+
+def test_fast_paths_under_two_rank_zero3_equal_the_dense_reference(tmp_path):
+    """The split attention backend and the vocabulary-chunked loss (whose output weight ZeRO-3
+    gathers as an external parameter), 2 ranks, against the one-process dense, unchunked run."""
+    fast = {"thought.attention_backend": "split", "thought.loss_chunk_tokens": 16}
+    two = run_worker(tmp_path, "fast", 2, fast)
+    ref, out = reference_run(two["init"], {})
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
