@@ -202,8 +202,9 @@ class QuietStarModel(nn.Module):
         model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in state.items()})
         return model
 
-    def save_pretrained(self, path: str, tokenizer=None) -> None:
-        """HF directory (base model, safetensors) + quiet_star.json + quiet_star.safetensors."""
+    def save_pretrained(self, path: str, tokenizer=None, extra: dict | None = None) -> None:
+        """HF directory (base model, safetensors) + quiet_star.json + quiet_star.safetensors.
+        `extra` (e.g. the training thought_len) is recorded in quiet_star.json."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -221,7 +222,7 @@ class QuietStarModel(nn.Module):
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump({"format": FORMAT_VERSION, "sot_token": SOT_TOKEN, "eot_token": EOT_TOKEN,
                        "sot_id": self.sot_id, "eot_id": self.eot_id,
-                       "hidden_size": self.base.config.hidden_size}, f, indent=2)
+                       "hidden_size": self.base.config.hidden_size, **(extra or {})}, f, indent=2)
 
     def forward(self, *, mode: str = "learn", **kwargs) -> dict:
         """Entry point for a wrapping engine (DeepSpeed): mode "learn" runs learn.learn_pass,

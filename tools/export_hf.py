@@ -18,34 +18,13 @@ import torch  # noqa: E402
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from qstar_ds.loading import model_from_checkpoint
 
-    from qstar_ds.checkpoint import read_meta, resolve_resume
-    from qstar_ds.model import QuietStarModel, ThoughtTokens, load_tokenizer
-
-    path = resolve_resume(checkpoint, checkpoint)          # a tag dir, or the newest under a run dir
-    meta = read_meta(path)
-    template = meta["template"]
-    if not os.path.isdir(template):
-        raise FileNotFoundError(f"{template} (base config + tokenizer written at the start of training) is missing")
-    ckpt_dir, tag = os.path.split(path.rstrip("/"))
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    config = AutoConfig.from_pretrained(template)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    sig = meta["signature"]
-    tokens = ThoughtTokens(sig["sot_id"], sig["eot_id"])
-    tok = load_tokenizer(template, tokens)
-    model = QuietStarModel(base, tokens)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"base.lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-    if config.tie_word_embeddings:
-        model.base.tie_weights()
+    model, tok, meta, _ = model_from_checkpoint(checkpoint)
     model.to(getattr(torch, dtype or "float32"))
-    model.save_pretrained(out_dir, tokenizer=tok)
+    sig = meta["signature"]
+    model.save_pretrained(out_dir, tokenizer=tok, extra={k: sig[k] for k in ("thought_len", "talk_len") if k in sig}
+                          | {"step": meta.get("step")})
     return out_dir
 
 

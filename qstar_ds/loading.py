@@ -1,0 +1,111 @@
+"""Load a QuietStarModel for inference (evaluate, generate, the thought viewer) from any of:
+
+- a directory written by QuietStarModel.save_pretrained / tools/export_hf.py (has quiet_star.json)
+- a DeepSpeed checkpoint of the trainer: a step_XXXXXXXX directory, its checkpoints/ directory or
+  the run's output_dir (newest complete one); ZeRO shards are merged on CPU by DeepSpeed's
+  zero_to_fp32, in one process, whatever the world size that wrote them
+- a base model name as in ModelConfig: "smollm2" (the embedded default), "tiny-<arch>", a local HF
+  directory or a hub name: wrapped with fresh thought tokens and a zero mixing head, i.e. the
+  model *before* any Quiet-STaR training (its mixed distribution equals the base model's only
+  where the mixing weight is 0, i.e. at init)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import CKPT_SUBDIR, COMPLETE, META, read_meta, resolve_resume
+from .model import META_FILE, QuietStarModel, ThoughtTokens, load_tokenizer
+
+
+@dataclass
+class Loaded:
+    model: QuietStarModel
+    tokenizer: object
+    device: torch.device
+    thought_len: int
+    """The thought length the model was trained with (8 when unknown)."""
+    source: str
+    """What was loaded, in words (goes into result files)."""
+
+
+def is_checkpoint(path: str) -> bool:
+    p = path.rstrip("/")
+    return os.path.isfile(os.path.join(p, COMPLETE)) or os.path.isdir(os.path.join(p, CKPT_SUBDIR)) or \
+        any(n.startswith("step_") for n in (os.listdir(p) if os.path.isdir(p) else []))
+
+
+def model_from_checkpoint(checkpoint: str) -> tuple[QuietStarModel, object, dict, str]:
+    """(fp32 model, tokenizer, qstar_meta, resolved path) from a trainer checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_resume(checkpoint, checkpoint)          # a tag dir, or the newest under a run dir
+    meta = read_meta(path)
+    template = meta["template"]
+    if not os.path.isdir(template):
+        raise FileNotFoundError(f"{template} (base config + tokenizer written at the start of training) is missing")
+    ckpt_dir, tag = os.path.split(path.rstrip("/"))
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    config = AutoConfig.from_pretrained(template)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sig = meta["signature"]
+    tokens = ThoughtTokens(sig["sot_id"], sig["eot_id"])
+    tok = load_tokenizer(template, tokens)
+    model = QuietStarModel(base, tokens)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"base.lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
+    if config.tie_word_embeddings:
+        model.base.tie_weights()
+    return model, tok, meta, path
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               gguf_file: str | None = None) -> Loaded:
+    """Load `spec` (see the module docstring) in eval mode on `device`."""
+    from .hub import build_base
+
+    thought_len = 8
+    if os.path.isfile(os.path.join(spec, META_FILE)):
+        model = QuietStarModel.from_pretrained(spec, dtype=dtype)
+        tok = load_tokenizer(spec)
+        with open(os.path.join(spec, META_FILE)) as f:
+            thought_len = json.load(f).get("thought_len", thought_len)
+        source = f"QuietStarModel directory {spec}"
+    elif os.path.isdir(spec) and is_checkpoint(spec):
+        model, tok, meta, path = model_from_checkpoint(spec)
+        thought_len = meta["signature"].get("thought_len", thought_len)
+        source = f"DeepSpeed checkpoint {path} (step {meta.get('step')})"
+    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, META)):
+        raise FileNotFoundError(f"{spec} is an incomplete checkpoint (no {COMPLETE} marker)")
+    else:
+        base, tok = build_base(spec, dtype, gguf_file)
+        model = QuietStarModel.from_base(base, tok)
+        source = f"base model {spec} with untrained thought tokens"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device=device, dtype=dtype).eval()
+    return Loaded(model, tok, torch.device(device), int(thought_len), source)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="smollm2",
+                    help="QuietStarModel dir, DeepSpeed checkpoint/run dir, or base model name "
+                         "(smollm2 = the embedded default, tiny-llama, HF dir or hub name)")
+    ap.add_argument("--gguf_file", default=None, help="GGUF file inside --model (base models only)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attention_backend", default="split", choices=["dense", "split"])
+
+
+def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:
+    if args.model.startswith(("/", "./", "../")) and not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model={args.model!r}: no such directory")
+    return load_model(args.model, getattr(torch, args.dtype), device or args.device, args.gguf_file)
