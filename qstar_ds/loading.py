@@ -105,7 +105,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--attention_backend", default="split", choices=["dense", "split"])
 
 
-def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:
-    if args.model.startswith(("/", "./", "../")) and not os.path.exists(args.model):
+def check_model_arg(args: argparse.Namespace) -> None:
+    """Fail early (before loading data) on a --model path that does not exist."""
+    if args.model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(args.model)):
         raise FileNotFoundError(f"--model={args.model!r}: no such directory")
+
+
+def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:
+    check_model_arg(args)
     return load_model(args.model, getattr(torch, args.dtype), device or args.device, args.gguf_file)

@@ -71,3 +71,16 @@ def random_thoughts(B: int, M: int, t: int, vocab: int, seed: int = 0):
 
 def ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+SHARED = os.environ.get("QSTAR_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def shared_file(rel: str) -> str:
+    path = os.path.join(SHARED, rel)
+    if not os.path.isfile(path):
+        if ci():
+            pytest.fail(f"{path} is missing: CI must provide the shared data folder (QSTAR_SHARED_DATA)")
+        pytest.skip(f"{path} not found (the shared data folder sits next to a developer checkout; "
+                    "set QSTAR_SHARED_DATA to point at it)")
+    return path

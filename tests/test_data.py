@@ -9,20 +9,7 @@ from qstar_ds.config import ConfigError
 from qstar_ds.data import SequenceStream, arith_document
 from qstar_ds.tiny import tiny_tokenizer
 
-from conftest import ci
-
-SHARED = os.environ.get("QSTAR_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-
-
-def shared_file(rel: str) -> str:
-    path = os.path.join(SHARED, rel)
-    if not os.path.isfile(path):
-        if ci():
-            pytest.fail(f"{path} is missing: CI must provide the shared data folder (QSTAR_SHARED_DATA)")
-        pytest.skip(f"{path} not found (the shared data folder sits next to a developer checkout; "
-                    "set QSTAR_SHARED_DATA to point at it)")
-    return path
-
+from conftest import ci, shared_file  # noqa: F401
 
 def test_arith_corpus_is_deterministic_and_varied():
     assert arith_document(0, 5) == arith_document(0, 5)

@@ -1,0 +1,331 @@
+"""Zero-shot evaluation with and without thoughts: GSM8K and CommonsenseQA.
+
+    python -m qstar_ds.evaluate --model smollm2 --tasks csqa,gsm8k --data_dir ../shared/data \\
+        --limit 100 --thoughts both
+    torchrun --nproc_per_node 2 -m qstar_ds.evaluate ...        # items sharded over the ranks
+
+Per task and thought setting, on the same items (tasks.py for prompts and answer tokens):
+- soft: the paper's direct-answer score: product over the gold answer tokens of p(gold token)
+  renormalised over the valid answer tokens (digits + newline, or A-E + newline), teacher-forced.
+  With thoughts, the distribution before each answer token is the mixed (post-thought) one; only
+  thoughts after the positions that predict answer tokens change it, so only those are sampled.
+- exact: CSQA: the most likely letter at the answer position; GSM8K: greedy direct answer
+  (thinking before every generated token when thoughts are on), first number parsed.
+- gsm8k_cot: zero-shot CoT maj@k (Kojima et al.'s protocol as in the paper): "Let's think step by
+  step.", k samples at temperature 0.9 up to 384 tokens (stopping early at "\\nQ:"), then
+  "Therefore, the answer (arabic numerals) is" and a greedy answer; majority vote over the k
+  numbers. Reports maj@k accuracy as exact, the mean single-sample accuracy as soft.
+Each score comes with n and a 95% confidence interval (Wilson for accuracies, normal for soft).
+Results: a printed table and a JSON file with every item's prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, ThoughtConfig
+from .generate import GenerateConfig, generate, left_pad, think
+from .layout import Layout
+from .rollout import new_cache
+from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
+                    load_items, majority)
+
+
+@dataclass
+class EvalSettings:
+    """What evaluate runs (thought settings are a ThoughtConfig)."""
+
+    batch_size: int = 8
+    """Items per forward pass (CoT: items per batch, each with cot_samples rows)."""
+    max_answer_tokens: int = 12
+    """GSM8K direct answer: greedy tokens generated before parsing (stops at a newline)."""
+    cot_samples: int = 8
+    """k of maj@k."""
+    cot_max_tokens: int = 384
+    """Reasoning tokens per CoT sample."""
+    cot_temperature: float = 0.9
+    """Sampling temperature of the CoT reasoning."""
+    seed: int = 0
+    """Seeds thought sampling (per batch: seed + index of the batch's first item)."""
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
+    n = len(xs)
+    if n < 2:
+        return (xs[0], xs[0]) if xs else (0.0, 0.0)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return (max(0.0, m - z * sd / math.sqrt(n)), min(1.0, m + z * sd / math.sqrt(n)))  # scores lie in [0, 1]
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+@torch.no_grad()
+def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], thoughts: bool,
+                    generator: torch.Generator | None, device) -> list[tuple[torch.Tensor, list[int], torch.Tensor | None]]:
+    """For each item: (log-probs (A, V) before each of its A answer tokens, the answer token ids,
+    the thoughts (A, t) sampled there or None), teacher-forced on prompt + gold answer; mixed
+    (post-thought) log-probs when `thoughts`."""
+    rows, spans = [], []
+    for it in items:
+        p = tokenizer.encode(it.prompt, add_special_tokens=False)
+        a = tokenizer.encode(it.answer, add_special_tokens=False)
+        rows.append(p + a)
+        spans.append((len(p), a))
+    n = max(len(r) for r in rows)
+    B = len(rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.full((B, n), pad, dtype=torch.long)
+    am = torch.zeros(B, n, dtype=torch.long)
+    A = max(len(a) for _, a in spans)
+    anchor = torch.zeros(B, A, dtype=torch.long)
+    for b, (r, (lp, a)) in enumerate(zip(rows, spans)):
+        off = n - len(r)
+        ids[b, off:], am[b, off:] = torch.tensor(r), 1
+        pos = [off + lp - 1 + j for j in range(len(a))]          # the token before each answer token
+        anchor[b] = torch.tensor(pos + [pos[-1]] * (A - len(a)))
+    ids, am, anchor = ids.to(device), am.to(device), anchor.to(device)
+    cache = new_cache() if thoughts else None
+    base_valid = am.bool()
+    h = model.hidden(ids, Layout.base_only(base_valid, cfg.attention_backend), cache)   # (B, n, H)
+    h_base = h.gather(1, anchor[..., None].expand(-1, -1, h.shape[-1]))                 # (B, A, H)
+    th = None
+    if thoughts:
+        th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)             # (B, A, H)
+        h_base, _ = model.mix(h_base, h_eot)
+    logp = torch.log_softmax(model.logits(h_base).float(), dim=-1)                      # (B, A, V)
+    return [(logp[b, :len(a)], a, None if th is None else th[b, :len(a)]) for b, (_, a) in enumerate(spans)]
+
+
+def soft_score(logp: torch.Tensor, answer: list[int], valid: list[int]) -> float:
+    """prod over scored answer tokens of p(gold) / sum_{v in valid} p(v); answer tokens outside
+    the valid set (a leading space token, a minus sign) are context, not scored."""
+    vs = set(valid)
+    idx = torch.tensor(valid, device=logp.device)
+    total = 0.0
+    for j, tok in enumerate(answer):
+        if tok in vs:
+            total += float(logp[j, tok] - torch.logsumexp(logp[j, idx], dim=0))
+    return math.exp(total)
+
+
+def first_scored(answer: list[int], choices: dict[int, str]) -> int:
+    for j, tok in enumerate(answer):
+        if tok in choices:
+            return j
+    raise TaskError(f"the gold answer tokens {answer} contain no answer letter token")
+
+
+def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item], toks: AnswerTokens,
+               thoughts: bool, st: EvalSettings, device) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(st.seed + items[0].index)
+    out = []
+    if task == "gsm8k_cot":
+        return cot_batch(model, cfg, tokenizer, items, thoughts, st, g, device)
+    scored = answer_logprobs(model, cfg, tokenizer, items, thoughts, g, device)
+    if task == "csqa":
+        letters = torch.tensor(list(toks.choices), device=device)
+        for it, (logp, a, _) in zip(items, scored):
+            j = first_scored(a, toks.choices)
+            pred = toks.choices[int(letters[logp[j, letters].argmax()])]
+            out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred,
+                        "correct": pred == it.gold, "soft": soft_score(logp, a, toks.valid)})
+        return out
+    # gsm8k: soft from the teacher-forced pass, exact from a greedy direct answer
+    ids, am = left_pad(tokenizer, [it.prompt for it in items], device)
+    gen = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts, stop=["\n"]),
+                   tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
+                   generator=g)
+    for b, (it, (logp, a, _)) in enumerate(zip(items, scored)):
+        text = tokenizer.decode(gen.tokens[b, :int(gen.lengths[b])].tolist())
+        pred = first_number(text.split("\n")[0] if text.strip() else text)
+        out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred, "output": text,
+                    "correct": pred == it.gold, "soft": soft_score(logp, a, toks.valid)})
+    return out
+
+
+def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, st: EvalSettings, g, device) -> list[dict]:
+    k = st.cot_samples
+    prompts = [it.prompt + COT_TRIGGER for it in items for _ in range(k)]
+    ids, am = left_pad(tokenizer, prompts, device)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
+    reason = generate(model, ids, am, cfg, GenerateConfig(st.cot_max_tokens, st.cot_temperature, thoughts=thoughts,
+                                                          stop=["\nQ:"]),
+                      tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
+    texts = []
+    for b in range(len(prompts)):
+        t = tokenizer.decode(reason.tokens[b, :int(reason.lengths[b])].tolist(), skip_special_tokens=True)
+        texts.append(t.split("\nQ:")[0].rstrip())
+    ids, am = left_pad(tokenizer, [p + t + COT_ANSWER for p, t in zip(prompts, texts)], device)
+    ans = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts, stop=["\n"]),
+                   tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
+    out = []
+    for i, it in enumerate(items):
+        preds = []
+        for b in range(i * k, (i + 1) * k):
+            preds.append(first_number(tokenizer.decode(ans.tokens[b, :int(ans.lengths[b])].tolist())))
+        pred = majority(preds)
+        single = sum(p == it.gold for p in preds) / k
+        out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred, "samples": preds,
+                    "reasoning": texts[i * k], "correct": pred == it.gold, "soft": single})
+    return out
+
+
+# ---- running ---------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world) from the launcher's environment (torchrun, deepspeed), initialising
+    torch.distributed when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def gather(rows: list[dict], world: int) -> list[dict]:
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    return [r for p in parts for r in p]
+
+
+def summarise(task: str, thoughts: bool, rows: list[dict], seconds: float, think_len: int) -> dict:
+    n = len(rows)
+    soft = [r["soft"] for r in rows]
+    k = sum(bool(r["correct"]) for r in rows)
+    return {"task": task, "thoughts": thoughts, "thought_len": think_len if thoughts else 0, "n": n,
+            "soft": sum(soft) / n, "soft_ci95": mean_ci(soft), "exact": k / n, "exact_ci95": wilson(k, n),
+            "seconds": seconds}
+
+
+def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[bool], st: EvalSettings,
+        items_by_task: dict[str, list[Item]], device, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """Evaluate every (task, thoughts) pair on the same items; rows sharded item-wise over ranks."""
+    from tqdm import tqdm
+    results, per_item = [], {}
+    vocab = model.lm_head.weight.shape[0]
+    for task in tasks:
+        toks = answer_tokens(tokenizer, task, vocab)
+        mine = items_by_task[task][rank::world]
+        for thoughts in settings:
+            t0 = time.perf_counter()
+            rows = []
+            batches = [mine[i:i + st.batch_size] for i in range(0, len(mine), st.batch_size)]
+            it = tqdm(batches, desc=f"{task} thoughts={'on' if thoughts else 'off'}", unit="batch", file=sys.stderr,
+                      disable=not progress or rank != 0, dynamic_ncols=True)
+            for batch in it:
+                rows += eval_batch(model, cfg, tokenizer, task, batch, toks, thoughts, st, device)
+            rows = sorted(gather(rows, world), key=lambda r: r["index"])
+            results.append(summarise(task, thoughts, rows, time.perf_counter() - t0, cfg.thought_len))
+            per_item[f"{task}/thoughts_{'on' if thoughts else 'off'}"] = rows
+    return {"results": results, "items": per_item}
+
+
+def table(results: list[dict]) -> str:
+    head = f"{'task':<10} {'thoughts':<9} {'n':>5}  {'soft':>7} {'95% CI':>17}  {'exact':>7} {'95% CI':>17}  {'s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        th = f"on/{r['thought_len']}" if r["thoughts"] else "off"
+        lines.append(f"{r['task']:<10} {th:<9} {r['n']:>5}  {100 * r['soft']:6.2f}% "
+                     f"[{100 * r['soft_ci95'][0]:5.1f}, {100 * r['soft_ci95'][1]:5.1f}]  {100 * r['exact']:6.2f}% "
+                     f"[{100 * r['exact_ci95'][0]:5.1f}, {100 * r['exact_ci95'][1]:5.1f}]  {r['seconds']:7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .loading import add_model_args, check_model_arg, load_from_args
+
+    ap = argparse.ArgumentParser(prog="python -m qstar_ds.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated among {', '.join(TASKS)}")
+    ap.add_argument("--data_dir", default=None, help="directory with gsm8k/test.jsonl and commonsenseqa/dev.jsonl "
+                                                     "(default: the hub)")
+    ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE", help="a jsonl file for one task")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    ap.add_argument("--thoughts", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
+    ap.add_argument("--thought_temperature", type=float, default=0.001, help="paper's evaluation value")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_answer_tokens", type=int, default=12)
+    ap.add_argument("--cot_samples", type=int, default=8)
+    ap.add_argument("--cot_max_tokens", type=int, default=384)
+    ap.add_argument("--cot_temperature", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="eval_results.json")
+    args = ap.parse_args(argv)
+    rank, world = dist_info()
+    device = args.device
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t not in TASKS:
+                raise TaskError(f"--tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
+        files = {}
+        for d in args.data:
+            task, sep, path = d.partition("=")
+            if not sep or task not in TASKS:
+                raise TaskError(f"--data={d!r}: expected TASK=FILE with TASK among {', '.join(TASKS)}")
+            files[task] = path
+        for name, v in [("limit", args.limit), ("batch_size", args.batch_size), ("cot_samples", args.cot_samples),
+                        ("cot_max_tokens", args.cot_max_tokens), ("max_answer_tokens", args.max_answer_tokens)]:
+            if v is not None and v < 1:
+                raise TaskError(f"--{name}={v}: must be >= 1")
+        check_model_arg(args)
+        # gsm8k_cot reads the gsm8k file unless given its own
+        items = {t: load_items(t, files.get(t) or files.get(t.removesuffix("_cot")), args.data_dir, args.limit)
+                 for t in tasks}
+        loaded = load_from_args(args, device)
+        cfg = ThoughtConfig(thought_len=args.thought_len or loaded.thought_len, temperature=args.thought_temperature,
+                            attention_backend=args.attention_backend)
+        if not args.cot_temperature > 0:
+            raise TaskError(f"--cot_temperature={args.cot_temperature}: must be > 0")
+    except (ConfigError, TaskError, ValueError, FileNotFoundError) as e:
+        print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    st = EvalSettings(args.batch_size, args.max_answer_tokens, args.cot_samples, args.cot_max_tokens,
+                      args.cot_temperature, args.seed)
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
+    out = run(loaded.model, loaded.tokenizer, cfg, tasks, settings, st, items, loaded.device, rank, world)
+    if rank == 0:
+        out = {"model": loaded.source, "world_size": world, "thought_config": vars(cfg), "settings": vars(st),
+               **out}
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        os.replace(tmp, args.output)
+        print(f"model: {loaded.source}")
+        print(table(out["results"]))
+        print(f"results: {args.output}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

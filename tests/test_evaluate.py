@@ -1,0 +1,170 @@
+"""Evaluation: task parsing, answer-token sets, soft/exact scores against references, CoT maj@k,
+the command line (one process and two ranks) on the shared tiny slices."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qstar_ds.config import ThoughtConfig
+from qstar_ds.evaluate import (EvalSettings, answer_logprobs, eval_batch, mean_ci, soft_score, wilson)
+from qstar_ds.tasks import TaskError, answer_tokens, csqa_item, first_number, gsm8k_item, load_items, majority
+
+from conftest import DEVICE, gen, make_model, shared_file
+from test_generate import reference_logprobs
+
+GSM_ROW = {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=7\n#### 1,007"}
+CSQA_ROW = {"answerKey": "C", "id": "q1", "question": {"stem": "Where do fish live?", "choices": [
+    {"label": lab, "text": txt} for lab, txt in zip("ABCDE", ["desert", "sky", "water", "tree", "car"])]}}
+
+
+def test_items_and_parsing():
+    g = gsm8k_item(0, GSM_ROW, "x")
+    assert g.prompt == "Q: Tom has 3 apples and buys 4 more. How many?\nA:" and g.answer == " 1007\n" and g.gold == "1007"
+    c = csqa_item(0, CSQA_ROW, "x")
+    assert c.prompt.endswith("(C) water (D) tree (E) car\nA:") and c.answer == " C\n" and c.gold == "C"
+    hub = dict(CSQA_ROW, question=CSQA_ROW["question"]["stem"],
+               choices={"label": list("ABCDE"), "text": ["desert", "sky", "water", "tree", "car"]})
+    assert csqa_item(0, hub, "x").prompt == c.prompt
+    assert first_number("so it is 1,234.") == "1234" and first_number("x = -5 then 7") == "-5"
+    assert first_number("12.0 dollars") == "12" and first_number("none") is None
+    assert majority(["3", None, "4", "4", "3"]) == "3" and majority([None]) is None
+    with pytest.raises(TaskError, match="####"):
+        gsm8k_item(0, {"question": "q", "answer": "no number"}, "f.jsonl:3")
+    with pytest.raises(TaskError, match="f.jsonl:9"):
+        csqa_item(0, {"question": "q"}, "f.jsonl:9")
+
+
+def test_load_items_errors(tmp_path):
+    with pytest.raises(TaskError, match="not found"):
+        load_items("gsm8k", str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GSM_ROW) + "\n{oops\n")
+    with pytest.raises(TaskError, match=r"bad.jsonl:2: not JSON"):
+        load_items("gsm8k", str(bad))
+    assert len(load_items("gsm8k", str(bad), limit=1)) == 1
+    with pytest.raises(TaskError, match="unknown"):
+        load_items("mmlu", str(bad))
+
+
+def test_answer_token_sets_come_from_the_tokenizer():
+    _, tok = make_model("llama", dtype=torch.float32)
+    V = len(tok)
+    d = answer_tokens(tok, "gsm8k", V)
+    for s in "0123456789\n":
+        for i in tok.encode(s, add_special_tokens=False):
+            assert i in d.valid
+    assert all(tok.decode([i]).strip(" ").isdigit() or set(tok.decode([i])) <= {"\n"} for i in d.valid)
+    c = answer_tokens(tok, "csqa", V)
+    assert set(c.choices.values()) <= set("ABCDE") and c.choices
+    assert all(tok.decode([i]).strip() in "ABCDE" and tok.decode([i]).strip() for i in c.choices)
+
+
+def test_soft_score_by_hand():
+    logp = torch.log_softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(0)), -1)
+    valid = [1, 2, 3]
+    # token 7 (not valid: a leading space, say) is context; 2 and 3 are scored
+    p = logp.exp()
+    want = (p[1, 2] / p[1, valid].sum()) * (p[2, 3] / p[2, valid].sum())
+    assert math.isclose(soft_score(logp, [7, 2, 3], valid), float(want), rel_tol=1e-5)
+    lo, hi = wilson(5, 10)
+    assert lo < 0.5 < hi and 0 <= lo and hi <= 1
+    assert mean_ci([0.0, 0.0, 1e-3]) [0] == 0.0
+
+
+@pytest.mark.parametrize("thoughts", [False, True])
+def test_answer_logprobs_equal_plain_references(thoughts):
+    """Teacher-forced answer log-probs of a padded batch == one plain HF pass per item (thoughts
+    off) or the plain prefix + <sot> thought <eot> reference (thoughts on)."""
+    model, tok = make_model("llama", dtype=torch.float64)
+    items = [gsm8k_item(0, GSM_ROW, "x"), gsm8k_item(1, dict(GSM_ROW, question="Short?"), "y")]
+    cfg = ThoughtConfig(thought_len=2, temperature=1.0, attention_backend="split")
+    out = answer_logprobs(model, cfg, tok, items, thoughts, gen(0), DEVICE)
+    for it, (logp, a, th) in zip(items, out):
+        prompt = tok.encode(it.prompt, add_special_tokens=False)
+        assert a == tok.encode(it.answer, add_special_tokens=False) and logp.shape[0] == len(a)
+        assert (th is not None) == thoughts
+        for j in range(len(a)):
+            ref = reference_logprobs(model, prompt + a[:j], th[j].tolist() if thoughts else None)
+            fin = torch.isfinite(ref)
+            torch.testing.assert_close(logp[j][fin].double(), ref[fin], rtol=0, atol=1e-5)
+
+
+def test_csqa_exact_is_the_best_letter_and_gsm8k_exact_parses_greedy_answer():
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = ThoughtConfig(thought_len=2, temperature=1e-3)
+    st = EvalSettings(max_answer_tokens=6)
+    items = [csqa_item(0, CSQA_ROW, "x")]
+    toks = answer_tokens(tok, "csqa", len(tok))
+    row = eval_batch(model, cfg, tok, "csqa", items, toks, False, st, DEVICE)[0]
+    logp, a, _ = answer_logprobs(model, cfg, tok, items, False, None, DEVICE)[0]
+    j = next(k for k, t in enumerate(a) if t in toks.choices)
+    best = max(toks.choices, key=lambda i: float(logp[j, i]))
+    assert row["pred"] == toks.choices[best] and row["correct"] == (row["pred"] == "C")
+    items = [gsm8k_item(0, GSM_ROW, "x")]
+    toks = answer_tokens(tok, "gsm8k", len(tok))
+    row = eval_batch(model, cfg, tok, "gsm8k", items, toks, True, st, DEVICE)[0]
+    assert row["pred"] == first_number(row["output"].split("\n")[0]) and 0 <= row["soft"] <= 1
+
+
+def test_cot_majority_of_k_samples():
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = ThoughtConfig(thought_len=2)
+    st = EvalSettings(cot_samples=3, cot_max_tokens=6, max_answer_tokens=4)
+    items = [gsm8k_item(0, GSM_ROW, "x"), gsm8k_item(1, GSM_ROW, "y")]
+    rows = eval_batch(model, cfg, tok, "gsm8k_cot", items, answer_tokens(tok, "gsm8k", len(tok)), True, st, DEVICE)
+    for r in rows:
+        assert len(r["samples"]) == 3 and r["pred"] == majority(r["samples"])
+        assert r["soft"] == sum(p == r["gold"] for p in r["samples"]) / 3
+
+
+def _evaluate(args, nproc=1, timeout=600):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "qstar_ds.evaluate"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "qstar_ds.evaluate"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A QuietStarModel directory with a random mixing head (so thoughts change the scores)."""
+    model, tok = make_model("llama", dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("qsm") / "model")
+    model.cpu().save_pretrained(path, tokenizer=tok, extra={"thought_len": 3})
+    return path
+
+
+def test_evaluate_cli_one_and_two_ranks_agree(saved_model, tmp_path):
+    gsm, csqa = shared_file("gsm8k/test_tiny.jsonl"), shared_file("commonsenseqa/dev_tiny.jsonl")
+    common = ["--model", saved_model, "--tasks", "csqa,gsm8k,gsm8k_cot", "--data", f"gsm8k={gsm}",
+              "--data", f"csqa={csqa}", "--limit", "5", "--batch_size", "1", "--cot_samples", "2",
+              "--cot_max_tokens", "4", "--max_answer_tokens", "4", "--thoughts", "both"]
+    one = _evaluate(common + ["--output", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "soft" in one.stdout and "95% CI" in one.stdout and "on/3" in one.stdout
+    two = _evaluate(common + ["--output", str(tmp_path / "two.json")], nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert b["world_size"] == 2 and len(a["results"]) == 6
+    for key, rows in a["items"].items():
+        other = b["items"][key]
+        assert [r["index"] for r in rows] == [r["index"] for r in other] == list(range(5))
+        for r, s in zip(rows, other):
+            assert r["pred"] == s["pred"] and math.isclose(r["soft"], s["soft"], rel_tol=1e-4, abs_tol=1e-9)
+    res = {(r["task"], r["thoughts"]): r for r in a["results"]}
+    assert all(r["n"] == 5 for r in res.values())
+    # the random mixing head makes thoughts matter
+    assert res[("csqa", True)]["soft"] != res[("csqa", False)]["soft"]
+
+
+def test_evaluate_cli_errors(tmp_path):
+    for args, want in [(["--tasks", "mmlu"], "unknown task 'mmlu'"),
+                       (["--data", f"gsm8k={tmp_path}/none.jsonl", "--tasks", "gsm8k"], "none.jsonl not found"),
+                       (["--data", "gsm8k", "--tasks", "gsm8k"], "TASK=FILE"),
+                       (["--limit", "0"], "--limit=0"),
+                       (["--model", "/no/such/dir"], "/no/such/dir")]:
+        res = _evaluate(["--model", "tiny-llama"] + args)
+        assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
