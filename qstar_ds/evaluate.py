@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         items = {t: load_items(t, files.get(t) or files.get(t.removesuffix("_cot")), args.data_dir, args.limit)
                  for t in tasks}
         loaded = load_from_args(args, device)
-        cfg = ThoughtConfig(thought_len=args.thought_len or loaded.thought_len, temperature=args.thought_temperature,
+        cfg = ThoughtConfig(thought_len=loaded.thought_len if args.thought_len is None else args.thought_len, temperature=args.thought_temperature,
                             attention_backend=args.attention_backend)
         if not args.cot_temperature > 0:
             raise TaskError(f"--cot_temperature={args.cot_temperature}: must be > 0")

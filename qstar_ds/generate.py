@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         loaded = load_from_args(args)
-        cfg = ThoughtConfig(thought_len=args.thought_len or loaded.thought_len, temperature=args.thought_temperature,
+        cfg = ThoughtConfig(thought_len=loaded.thought_len if args.thought_len is None else args.thought_len, temperature=args.thought_temperature,
                             attention_backend=args.attention_backend)
         gen = GenerateConfig(args.max_new_tokens, args.temperature, args.top_k, args.thoughts == "on",
                              args.think_threshold, args.stop)
