@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, ThoughtConfig
-from .generate import GenerateConfig, generate, left_pad, think
+from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
 from .layout import Layout
 from .rollout import new_cache
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
@@ -54,6 +54,8 @@ class EvalSettings:
     """Sampling temperature of the CoT reasoning."""
     seed: int = 0
     """Seeds thought sampling (per batch: seed + index of the batch's first item)."""
+    think_threshold: float | None = None
+    """Think only where the base next-token entropy (nats) is >= this (generate.py); None = always."""
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -79,10 +81,12 @@ def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
 # ---- scoring ---------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], thoughts: bool,
-                    generator: torch.Generator | None, device) -> list[tuple[torch.Tensor, list[int], torch.Tensor | None]]:
+                    generator: torch.Generator | None, device, think_threshold: float | None = None
+                    ) -> list[tuple[torch.Tensor, list[int], torch.Tensor | None, torch.Tensor]]:
     """For each item: (log-probs (A, V) before each of its A answer tokens, the answer token ids,
-    the thoughts (A, t) sampled there or None), teacher-forced on prompt + gold answer; mixed
-    (post-thought) log-probs when `thoughts`."""
+    the thoughts (A, t) sampled there or None, (A,) bool whether the thought was used),
+    teacher-forced on prompt + gold answer; mixed (post-thought) log-probs when `thoughts`, only
+    where the base entropy is >= think_threshold if one is given."""
     rows, spans = [], []
     for it in items:
         p = tokenizer.encode(it.prompt, add_special_tokens=False)
@@ -107,11 +111,17 @@ def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], tho
     h = model.hidden(ids, Layout.base_only(base_valid, cfg.attention_backend), cache)   # (B, n, H)
     h_base = h.gather(1, anchor[..., None].expand(-1, -1, h.shape[-1]))                 # (B, A, H)
     th = None
+    z = at_least_fp32(model.logits(h_base))                                                  # (B, A, V)
+    used = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
     if thoughts:
-        th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)             # (B, A, H)
-        h_base, _ = model.mix(h_base, h_eot)
-    logp = torch.log_softmax(model.logits(h_base).float(), dim=-1)                      # (B, A, V)
-    return [(logp[b, :len(a)], a, None if th is None else th[b, :len(a)]) for b, (_, a) in enumerate(spans)]
+        used = ~used if think_threshold is None else entropy(z) >= think_threshold
+        if bool(used.any()):
+            th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)         # (B, A, H)
+            mixed, _ = model.mix(h_base, h_eot)
+            z = torch.where(used[..., None], at_least_fp32(model.logits(mixed)), z)
+    logp = torch.log_softmax(z, dim=-1)
+    return [(logp[b, :len(a)], a, None if th is None else th[b, :len(a)], used[b, :len(a)])
+            for b, (_, a) in enumerate(spans)]
 
 
 def soft_score(logp: torch.Tensor, answer: list[int], valid: list[int]) -> float:
@@ -139,25 +149,28 @@ def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item
     out = []
     if task == "gsm8k_cot":
         return cot_batch(model, cfg, tokenizer, items, thoughts, st, g, device)
-    scored = answer_logprobs(model, cfg, tokenizer, items, thoughts, g, device)
+    scored = answer_logprobs(model, cfg, tokenizer, items, thoughts, g, device, st.think_threshold)
     if task == "csqa":
         letters = torch.tensor(list(toks.choices), device=device)
-        for it, (logp, a, _) in zip(items, scored):
+        for it, (logp, a, _, used) in zip(items, scored):
             j = first_scored(a, toks.choices)
             pred = toks.choices[int(letters[logp[j, letters].argmax()])]
-            out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred,
-                        "correct": pred == it.gold, "soft": soft_score(logp, a, toks.valid)})
+            out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred, "correct": pred == it.gold,
+                        "soft": soft_score(logp, a, toks.valid), "thought": [int(used.sum()), len(a)]})
         return out
     # gsm8k: soft from the teacher-forced pass, exact from a greedy direct answer
     ids, am = left_pad(tokenizer, [it.prompt for it in items], device)
-    gen = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts, stop=["\n"]),
+    gen = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts,
+                                                       think_threshold=st.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
                    generator=g)
-    for b, (it, (logp, a, _)) in enumerate(zip(items, scored)):
-        text = tokenizer.decode(gen.tokens[b, :int(gen.lengths[b])].tolist())
+    for b, (it, (logp, a, _, used)) in enumerate(zip(items, scored)):
+        L = int(gen.lengths[b])
+        text = tokenizer.decode(gen.tokens[b, :L].tolist())
         pred = first_number(text.split("\n")[0] if text.strip() else text)
         out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred, "output": text,
-                    "correct": pred == it.gold, "soft": soft_score(logp, a, toks.valid)})
+                    "correct": pred == it.gold, "soft": soft_score(logp, a, toks.valid),
+                    "thought": [int(used.sum()) + int(gen.thought_mask[b, :L].sum()), len(a) + L]})
     return out
 
 
@@ -167,14 +180,15 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, st: Eval
     ids, am = left_pad(tokenizer, prompts, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     reason = generate(model, ids, am, cfg, GenerateConfig(st.cot_max_tokens, st.cot_temperature, thoughts=thoughts,
-                                                          stop=["\nQ:"]),
+                                                          think_threshold=st.think_threshold, stop=["\nQ:"]),
                       tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     texts = []
     for b in range(len(prompts)):
         t = tokenizer.decode(reason.tokens[b, :int(reason.lengths[b])].tolist(), skip_special_tokens=True)
         texts.append(t.split("\nQ:")[0].rstrip())
     ids, am = left_pad(tokenizer, [p + t + COT_ANSWER for p, t in zip(prompts, texts)], device)
-    ans = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts, stop=["\n"]),
+    ans = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts,
+                                                       think_threshold=st.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     out = []
     for i, it in enumerate(items):
@@ -183,8 +197,11 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, st: Eval
             preds.append(first_number(tokenizer.decode(ans.tokens[b, :int(ans.lengths[b])].tolist())))
         pred = majority(preds)
         single = sum(p == it.gold for p in preds) / k
+        rows = range(i * k, (i + 1) * k)
+        n_th = sum(int(g_.thought_mask[b, :int(g_.lengths[b])].sum()) for g_ in (reason, ans) for b in rows)
+        n_tok = sum(int(g_.lengths[b]) for g_ in (reason, ans) for b in rows)
         out.append({"index": it.index, "id": it.id, "gold": it.gold, "pred": pred, "samples": preds,
-                    "reasoning": texts[i * k], "correct": pred == it.gold, "soft": single})
+                    "reasoning": texts[i * k], "correct": pred == it.gold, "soft": single, "thought": [n_th, n_tok]})
     return out
 
 
@@ -214,9 +231,10 @@ def summarise(task: str, thoughts: bool, rows: list[dict], seconds: float, think
     n = len(rows)
     soft = [r["soft"] for r in rows]
     k = sum(bool(r["correct"]) for r in rows)
+    th = [sum(r["thought"][i] for r in rows) for i in (0, 1)]
     return {"task": task, "thoughts": thoughts, "thought_len": think_len if thoughts else 0, "n": n,
             "soft": sum(soft) / n, "soft_ci95": mean_ci(soft), "exact": k / n, "exact_ci95": wilson(k, n),
-            "seconds": seconds}
+            "think_rate": th[0] / max(th[1], 1), "seconds": seconds}
 
 
 def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[bool], st: EvalSettings,
@@ -243,13 +261,15 @@ def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[b
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'task':<10} {'thoughts':<9} {'n':>5}  {'soft':>7} {'95% CI':>17}  {'exact':>7} {'95% CI':>17}  {'s':>7}"
+    head = (f"{'task':<10} {'thoughts':<9} {'n':>5}  {'soft':>7} {'95% CI':>17}  {'exact':>7} {'95% CI':>17}  "
+            f"{'thinks':>6}  {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         th = f"on/{r['thought_len']}" if r["thoughts"] else "off"
         lines.append(f"{r['task']:<10} {th:<9} {r['n']:>5}  {100 * r['soft']:6.2f}% "
                      f"[{100 * r['soft_ci95'][0]:5.1f}, {100 * r['soft_ci95'][1]:5.1f}]  {100 * r['exact']:6.2f}% "
-                     f"[{100 * r['exact_ci95'][0]:5.1f}, {100 * r['exact_ci95'][1]:5.1f}]  {r['seconds']:7.1f}")
+                     f"[{100 * r['exact_ci95'][0]:5.1f}, {100 * r['exact_ci95'][1]:5.1f}]  "
+                     f"{100 * r['think_rate']:5.1f}%  {r['seconds']:7.1f}")
     return "\n".join(lines)
 
 
@@ -272,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cot_samples", type=int, default=8)
     ap.add_argument("--cot_max_tokens", type=int, default=384)
     ap.add_argument("--cot_temperature", type=float, default=0.9)
+    ap.add_argument("--think_threshold", type=float, default=None,
+                    help="think only where the base next-token entropy (nats) >= this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
@@ -307,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
         return 2
     st = EvalSettings(args.batch_size, args.max_answer_tokens, args.cot_samples, args.cot_max_tokens,
-                      args.cot_temperature, args.seed)
+                      args.cot_temperature, args.seed, args.think_threshold)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
     out = run(loaded.model, loaded.tokenizer, cfg, tasks, settings, st, items, loaded.device, rank, world)
     if rank == 0:

@@ -100,9 +100,14 @@ def base_step_layout(base_valid: torch.Tensor, start: int, backend: str) -> Layo
     return Layout(base_valid, anchor, tags[start:], idx[start:], tags, idx, backend)
 
 
+def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> float32 for softmax; float32/float64 unchanged."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (...) entropy in nats (masked -inf entries contribute 0)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(at_least_fp32(logits), dim=-1)
     return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
@@ -167,8 +172,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     new_ids: list[list[int]] = [[] for _ in range(B)]
     for step in range(gen.max_new_tokens):
         n = base_valid.shape[1]
-        logits = model.logits(h_last).float()                                      # (B, V)
-        w = torch.zeros(B, device=dev)
+        logits = at_least_fp32(model.logits(h_last))                                    # (B, V)
+        w = torch.zeros(B, device=dev, dtype=logits.dtype)
         thoughts = torch.zeros(B, cfg.thought_len, dtype=torch.long, device=dev)
         use = torch.zeros(B, dtype=torch.bool, device=dev)
         if gen.thoughts:
@@ -179,8 +184,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
                 anchor = torch.full((B, 1), n - 1, dtype=torch.long, device=dev)
                 th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)
                 mixed, wm = model.mix(h_last, h_eot[:, 0])
-                logits = torch.where(use[:, None], model.logits(mixed).float(), logits)
-                w = torch.where(use, wm.float(), w)
+                logits = torch.where(use[:, None], at_least_fp32(model.logits(mixed)), logits)
+                w = torch.where(use, wm.to(w.dtype), w)
                 thoughts = th[:, 0]
         logp = torch.log_softmax(logits, dim=-1)
         if gen.temperature == 0:

@@ -142,7 +142,7 @@ def answer_tokens(tokenizer, task: str, vocab_size: int) -> AnswerTokens:
         ans = [i for i, s in enumerate(texts) if s.strip(" ").isdigit() and s.strip(" ").isascii()]
         choices = {}
     else:
-        choices = {i: s.strip(" ") for i, s in enumerate(texts) if s.strip(" ") in LETTERS and s.strip(" ")}
+        choices = {i: s.strip(" ") for i, s in enumerate(texts) if s.strip(" ") in set(LETTERS)}  # one letter
         ans = list(choices)
     if not ans or not newline:
         raise TaskError(f"task {task}: the tokenizer has no {'digit' if task.startswith('gsm8k') else 'A-E'} "

@@ -151,6 +151,21 @@ def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(
     assert torch.count_nonzero(model.mixing_head.net[-1].weight) > 0   # trained, not re-initialised
     assert tok.convert_tokens_to_ids("<|startofthought|>") == model.sot_id
 
+    # evaluation straight from the DeepSpeed checkpoint (shards merged in memory) == from the export
+    from conftest import shared_file
+    gsm = shared_file("gsm8k/test_tiny.jsonl")
+    results = []
+    for src in (out, exp):
+        dst = tmp_path / f"eval_{src.name}.json"
+        res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(src), "--tasks", "gsm8k",
+                              "--data", f"gsm8k={gsm}", "--limit", "3", "--max_answer_tokens", "3",
+                              "--output", str(dst)], env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results.append(json.loads(dst.read_text()))
+    assert "DeepSpeed checkpoint" in results[0]["model"] and "step 2" in results[0]["model"]
+    assert results[0]["thought_config"]["thought_len"] == results[1]["thought_config"]["thought_len"] == 2
+    assert results[0]["items"] == results[1]["items"]
+
 
 def test_logging_text_jsonl_thought_table_and_wandb_offline(tmp_path):
     out = tmp_path / "out"

@@ -82,14 +82,14 @@ def test_answer_logprobs_equal_plain_references(thoughts):
     items = [gsm8k_item(0, GSM_ROW, "x"), gsm8k_item(1, dict(GSM_ROW, question="Short?"), "y")]
     cfg = ThoughtConfig(thought_len=2, temperature=1.0, attention_backend="split")
     out = answer_logprobs(model, cfg, tok, items, thoughts, gen(0), DEVICE)
-    for it, (logp, a, th) in zip(items, out):
+    for it, (logp, a, th, used) in zip(items, out):
         prompt = tok.encode(it.prompt, add_special_tokens=False)
         assert a == tok.encode(it.answer, add_special_tokens=False) and logp.shape[0] == len(a)
-        assert (th is not None) == thoughts
+        assert (th is not None) == thoughts and bool(used.all()) == thoughts
         for j in range(len(a)):
             ref = reference_logprobs(model, prompt + a[:j], th[j].tolist() if thoughts else None)
             fin = torch.isfinite(ref)
-            torch.testing.assert_close(logp[j][fin].double(), ref[fin], rtol=0, atol=1e-5)
+            torch.testing.assert_close(logp[j][fin].double(), ref[fin], rtol=0, atol=1e-8)
 
 
 def test_csqa_exact_is_the_best_letter_and_gsm8k_exact_parses_greedy_answer():
@@ -99,7 +99,7 @@ def test_csqa_exact_is_the_best_letter_and_gsm8k_exact_parses_greedy_answer():
     items = [csqa_item(0, CSQA_ROW, "x")]
     toks = answer_tokens(tok, "csqa", len(tok))
     row = eval_batch(model, cfg, tok, "csqa", items, toks, False, st, DEVICE)[0]
-    logp, a, _ = answer_logprobs(model, cfg, tok, items, False, None, DEVICE)[0]
+    logp, a, _, _ = answer_logprobs(model, cfg, tok, items, False, None, DEVICE)[0]
     j = next(k for k, t in enumerate(a) if t in toks.choices)
     best = max(toks.choices, key=lambda i: float(logp[j, i]))
     assert row["pred"] == toks.choices[best] and row["correct"] == (row["pred"] == "C")
@@ -107,6 +107,23 @@ def test_csqa_exact_is_the_best_letter_and_gsm8k_exact_parses_greedy_answer():
     toks = answer_tokens(tok, "gsm8k", len(tok))
     row = eval_batch(model, cfg, tok, "gsm8k", items, toks, True, st, DEVICE)[0]
     assert row["pred"] == first_number(row["output"].split("\n")[0]) and 0 <= row["soft"] <= 1
+
+
+def test_think_threshold_in_evaluation():
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = ThoughtConfig(thought_len=2, temperature=1e-3)
+    items = [gsm8k_item(0, GSM_ROW, "x"), gsm8k_item(1, dict(GSM_ROW, question="Short?"), "y")]
+    toks = answer_tokens(tok, "gsm8k", len(tok))
+
+    def rows(thoughts, thr=None):
+        return eval_batch(model, cfg, tok, "gsm8k", items, toks, thoughts, EvalSettings(max_answer_tokens=4,
+                          think_threshold=thr), DEVICE)
+
+    off, on, never, always = rows(False), rows(True), rows(True, 1e9), rows(True, 0.0)
+    assert all(r["thought"][0] == 0 for r in off + never) and all(r["thought"][0] == r["thought"][1] for r in on)
+    assert [(r["pred"], r["soft"]) for r in never] == [(r["pred"], r["soft"]) for r in off]
+    assert [(r["pred"], r["soft"]) for r in always] == [(r["pred"], r["soft"]) for r in on]
+    assert [r["soft"] for r in on] != [r["soft"] for r in off]
 
 
 def test_cot_majority_of_k_samples():

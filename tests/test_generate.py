@@ -55,7 +55,7 @@ def test_generation_distribution_equals_reference_and_learn_pass(arch, backend):
             ref = reference_logprobs(model, prefix, g.thoughts[b, j].tolist())
             finite = torch.isfinite(ref)
             assert torch.equal(finite, torch.isfinite(g.scores[b, j]))
-            torch.testing.assert_close(g.scores[b, j][finite].double(), ref[finite], rtol=0, atol=1e-5)
+            torch.testing.assert_close(g.scores[b, j][finite].double(), ref[finite], rtol=0, atol=1e-8)
     # the learn pass's talk distribution for the same prefix and the same thought (K = 1)
     x = torch.cat([ids, g.tokens], 1)
     xm = torch.cat([am, torch.ones_like(g.tokens)], 1)
@@ -64,8 +64,8 @@ def test_generation_distribution_equals_reference_and_learn_pass(arch, backend):
     with torch.no_grad():
         out = learn_pass(model, cfg, x, xm, anchor, g.thoughts)
     chosen = g.scores.gather(-1, g.tokens[..., None])[..., 0].double()
-    torch.testing.assert_close(out.talk_logp[..., 0], chosen, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.mix_w[..., 0], g.mix_w.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.talk_logp[..., 0], chosen, rtol=0, atol=1e-8)
+    torch.testing.assert_close(out.mix_w[..., 0], g.mix_w.double(), rtol=0, atol=1e-8)
 
 
 def test_thoughts_off_equals_hf_generate():
@@ -83,6 +83,7 @@ def test_thoughts_off_equals_hf_generate():
         ref = torch.log_softmax(s.double().index_fill(-1, torch.tensor([model.sot_id, model.eot_id]),
                                                       float("-inf")), -1)
         fin = torch.isfinite(ref)
+        # 1e-6: HF's cached decoding takes SDPA's is_causal/no-mask kernels, ~1e-8 off an explicit mask
         torch.testing.assert_close(ours.scores[:, j][fin].double(), ref[fin], rtol=0, atol=1e-6)
 
 

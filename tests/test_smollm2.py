@@ -79,3 +79,48 @@ def test_smollm2_learn_pass_equals_reference(smol):
         with torch.no_grad():
             model.mixing_head.net[-1].weight.zero_()
             model.mixing_head.net[-1].bias.zero_()
+
+
+def test_smollm2_answer_tokens_and_generation_with_thoughts(smol):
+    """The real vocabulary: answer-token sets found from the tokenizer cover the gold answers of
+    the shared tiny slices; KV-cached generation with thoughts matches the learn pass."""
+    from qstar_ds.generate import GenerateConfig, generate, left_pad
+    from qstar_ds.tasks import answer_tokens, csqa_item, gsm8k_item
+    from conftest import shared_file
+    import json
+
+    model, tok, _ = smol
+    V = model.lm_head.weight.shape[0]
+    for task, rel, make in [("gsm8k", "gsm8k/test_tiny.jsonl", gsm8k_item),
+                            ("csqa", "commonsenseqa/dev_tiny.jsonl", csqa_item)]:
+        toks = answer_tokens(tok, task, V)
+        assert model.sot_id not in toks.valid and model.eot_id not in toks.valid
+        with open(shared_file(rel)) as f:
+            items = [make(i, json.loads(line), rel) for i, line in enumerate(f)][:20]
+        for it in items:
+            ids = tok.encode(it.answer, add_special_tokens=False)
+            scored = [i for i in ids if i in toks.valid]
+            # every digit / the letter and the newline are scored; at most a space token is context
+            assert tok.decode(scored).replace(" ", "") == it.gold.lstrip("-") + "\n", (it.answer, ids)
+        if task == "csqa":
+            assert sorted(set(toks.choices.values())) == list("ABCDE")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.mixing_head.parameters():
+            p.normal_(0, 0.02)
+    try:
+        ids, am = left_pad(tok, ["Q: What is 7 * 6?\nA:"], "cpu")
+        cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=1, attention_backend="split")
+        g = generate(model, ids, am, cfg, GenerateConfig(max_new_tokens=3), return_scores=True,
+                     generator=torch.Generator().manual_seed(0))
+        x = torch.cat([ids, g.tokens], 1)
+        anchor = torch.arange(ids.shape[1] - 1, ids.shape[1] + 2)[None]
+        with torch.no_grad():
+            out = learn_pass(model, cfg, x, torch.ones_like(x), anchor, g.thoughts)
+        chosen = g.scores.gather(-1, g.tokens[..., None])[..., 0].double()
+        torch.testing.assert_close(out.talk_logp[..., 0], chosen, rtol=0, atol=1e-8)
+        assert float(g.mix_w.abs().min()) > 0
+    finally:
+        with torch.no_grad():
+            model.mixing_head.net[-1].weight.zero_()
+            model.mixing_head.net[-1].bias.zero_()
