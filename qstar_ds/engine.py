@@ -136,21 +136,59 @@ def resolve_dtype(cfg: Config, device_type_: str) -> torch.dtype:
     return getattr(torch, cfg.model.dtype)
 
 
+def slurm_master_addr(nodelist: str) -> str:
+    """Address of the first node of a SLURM node list: its NodeAddr from `scontrol show node`
+    (right on real clusters and for emulated nodes, whose names do not resolve), else its name."""
+    import subprocess
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        raise ConfigError(f"SLURM_STEP_NODELIST={nodelist!r}: cannot expand it with scontrol; "
+                          "export MASTER_ADDR") from None
+    out = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, timeout=30).stdout
+    for tok in out.split():
+        if tok.startswith("NodeAddr="):
+            return tok.split("=", 1)[1]
+    return first
+
+
+def slurm_env(env: dict) -> dict:
+    """The torch.distributed variables of one task of an `srun` step (SLURM_PROCID etc.), for
+    variables the launcher did not set. Only inside a step (SLURM_STEP_NUM_TASKS): a batch script
+    running python directly is one process, whatever the allocation."""
+    if "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)   # same on every task
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+    return out
+
+
 def init_distributed(device_type_: str) -> tuple[int, int, int]:
-    """Initialise torch.distributed from the launcher's environment (deepspeed, torchrun; a
-    single process without a launcher gets a world of 1). -> (rank, world, local_rank)."""
+    """Initialise torch.distributed from the launcher's environment: deepspeed / torchrun (RANK,
+    WORLD_SIZE, ...), srun (SLURM_PROCID, ... mapped by slurm_env), mpirun (mpi4py discovery; port
+    MASTER_PORT or 29500); a single process without a launcher gets a world of 1.
+    -> (rank, world, local_rank)."""
     import deepspeed
     import torch.distributed as dist
 
     if device_type_ == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+    if "RANK" not in os.environ:
+        os.environ.update(slurm_env(dict(os.environ)))
+    mpi = "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ
+    if "RANK" not in os.environ and not mpi:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device_type_ == "cpu" else "nccl",
-                                   auto_mpi_discovery=True, verbose=False)
+                                   auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                                   verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type_ == "cuda":
         torch.cuda.set_device(local_rank)

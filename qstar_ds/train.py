@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         trainer.fit()
+        # one line per rank (launchers interleave them): what cluster tests and users grep for
+        how = f"pre-empted ({trainer.preempted_by})" if trainer.preempted_by else "finished"
+        print(f"qstar_ds: rank {trainer.rank}/{trainer.world} {how} at step {trainer.step}, "
+              f"samples {trainer.samples}", flush=True)
     except ConfigError as e:
         print(f"qstar_ds: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
 from .model import QuietStarModel, gathered
+from .preemption import Preemption
 from .learn import LearnOutput
 from .rollout import Rollout, default_positions
 
@@ -68,6 +69,9 @@ class Trainer:
         self.device_type = device_type()
         self.rank, self.world, local_rank = init_distributed(self.device_type)
         self.device = torch.device("cuda", local_rank) if self.device_type == "cuda" else torch.device("cpu")
+        # from here on a SIGUSR1/SIGTERM means "save and stop after the current step", not death
+        self.preempt = Preemption(self.device)
+        self.preempted_by = None
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)
@@ -227,6 +231,14 @@ class Trainer:
         self.engine.train()
         bar = progress(cfg.max_steps, self.step)
         last = {}
+        try:
+            last = self._loop(cfg, bar, self.preempt)
+        finally:
+            bar.close()
+        return last
+
+    def _loop(self, cfg, bar, preempt: Preemption) -> dict:
+        last = {}
         while self.step < cfg.max_steps:
             x, am = self.stream.next_batch(cfg.batch_size)
             metrics, sample = self.train_step(x, am)
@@ -243,9 +255,17 @@ class Trainer:
                             rew=f"{metrics['reward_mean']:.3g}", pos=f"{metrics['reward_pos_frac']:.2f}",
                             w=f"{metrics['mix_w_mean']:.3g}", gn=f"{metrics['grad_norm']:.3g}",
                             lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+            saved = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps
+            if saved:
                 self.save()
-        bar.close()
+            if preempt.should_stop():                    # every rank, same step
+                if not saved:
+                    self.save()
+                self.preempted_by = preempt.name
+                msg = f"pre-empted by {preempt.name} after step {self.step}: checkpoint saved, exiting"
+                print0(msg)
+                self.logger.line(msg)
+                break
         return last
 
     def save(self) -> str:
@@ -258,4 +278,5 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self.preempt.restore()
         self.logger.close()

@@ -2,6 +2,7 @@
 with the same losses, checkpoints that were being written are never resumed from, resumes that
 change the model or the world size are refused, export to a HF directory round-trips."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -119,6 +120,34 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
     assert not partial.exists(), "the interrupted save should be cleaned up by the next good one"
     assert len([c for c in os.listdir(run_dir / "checkpoints") if c.startswith("step_")]) == 2  # keep_last
+
+    # pre-emption: SIGUSR1 to rank 1 only -> both ranks stop after the same step, save it, exit 0
+    import psutil
+    pre_dir = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29879",
+           TRAIN] + common + ["--output_dir", str(pre_dir)]
+    proc = subprocess.Popen(cmd, env=dict(ENV, PYTHONWARNINGS="ignore"), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while max(steps_logged(pre_dir), default=0) < 6:
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before step 6"
+        time.sleep(0.05)
+    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stops = {int(m) for m in re.findall(r"rank [01]/2 pre-empted \(.*?\) at step (\d+)", out)}
+    assert len(re.findall(r"rank [01]/2 pre-empted", out)) == 2 and len(stops) == 1, out[-3000:]
+    stop = stops.pop()
+    assert stop < 30 and (pre_dir / "checkpoints" / f"step_{stop:08d}" / "COMPLETE").exists()
+    assert max(steps_logged(pre_dir)) == stop
+    res = launch([TRAIN] + common + ["--output_dir", str(pre_dir)], nproc=2)
+    assert f"(step {stop})" in res.stdout + res.stderr and "rank 1/2 finished at step 30, samples 60" in res.stdout
+    got = steps_logged(pre_dir)
+    assert sorted(got) == list(range(1, 31))
+    for step in range(stop + 1, 31):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
 
 
 def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(tmp_path):
