@@ -67,6 +67,7 @@ class Cluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "SlurmdParameters=config_overrides", "MpiDefault=none", "ReturnToService=2",
             "JobRequeue=1", "KillWait=30", "MinJobAge=600", "InactiveLimit=0",
+            "AuthInfo=cred_expire=10",        # a requeued job waits cred_expire s before it may start (default 120)
             f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool/%n",
             f"SlurmctldPidFile={root}/run/slurmctld.pid", f"SlurmdPidFile={root}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd-%n.log",

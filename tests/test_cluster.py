@@ -33,11 +33,12 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, tmp_path, name: str, out_dir) -> tuple[int, str]:
+def submit(cluster, tmp_path, name: str, out_dir, extra: list[str] = ()) -> tuple[int, str]:
     log = str(tmp_path / f"{name}-%j.out")
     env = {"PRESET": "debug_cpu", "OUTPUT_DIR": str(out_dir), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    jid = cluster.submit(OWM, SBATCH + [f"--job-name={name}", f"--output={log}"], TRAIN_ARGS, env=env, cwd=ROOT)
+    jid = cluster.submit(OWM, SBATCH + list(extra) + [f"--job-name={name}", f"--output={log}"], TRAIN_ARGS, env=env,
+                         cwd=ROOT)
     return jid, log.replace("%j", str(jid))
 
 
@@ -123,14 +124,21 @@ def test_kill9_then_resubmit_resumes_from_last_checkpoint(cluster, reference, tm
     resumes from the last periodic checkpoint and ends with the uninterrupted run's losses."""
     t0 = time.time()
     out = tmp_path / "run"
-    jid, log = submit(cluster, tmp_path, "kill", out)
+    # --no-requeue: otherwise SLURM requeues the killed job by itself (also fine, but here we
+    # test the user's path: the job is gone, the same command is submitted again)
+    jid, log = submit(cluster, tmp_path, "kill", out, ["--no-requeue"])
     wait_for_step(out, SAVE_EVERY + 1, cluster, jid)
-    cluster.run(["scancel", "--signal=KILL", "--full", str(jid)])
+    # SIGKILL every process of the run (srun and both ranks: their command lines name the output
+    # dir), as the OOM killer or a dying node would: no handler runs, nothing is saved
+    killed = subprocess.run(["pkill", "-KILL", "-f", str(out)], capture_output=True)
+    assert killed.returncode == 0
     info = cluster.wait(jid, 120)
     killed_at = max(steps_logged(out))
-    assert info["JobState"] != "COMPLETED" and killed_at < STEPS, (info, killed_at)
-    assert "finished" not in read(log)
+    text = read(log)
+    assert info["JobState"] == "FAILED" and killed_at < STEPS, (info, killed_at)
+    assert "finished" not in text and "pre-empted" not in text
     saved = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert saved % SAVE_EVERY == 0 and saved < killed_at              # the last periodic checkpoint
     jid2, log2 = submit(cluster, tmp_path, "kill", out)
     info = cluster.wait(jid2, 600)
     text = read(log2)
