@@ -169,7 +169,12 @@ def test_mpirun_two_ranks(tmp_path):
         missing(ci(), "mpi4py not installed")
     t0 = time.time()
     port = free_ports(1)[0]
+    # Under Open MPI's environment DeepSpeed's JIT build of its CPU comm extension sees a different
+    # command line and rebuilds it (~1 min), invalidating the copy the other tests use: own dir
+    ext = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")),
+                       "under_mpirun")
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR=cpu",
+           "-x", f"TORCH_EXTENSIONS_DIR={ext}",
            "-x", f"MASTER_PORT={port}", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONWARNINGS=ignore",
            sys.executable, TRAIN, "--preset", "debug_cpu", "--max_steps", "2", "--output_dir", str(tmp_path / "run")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
