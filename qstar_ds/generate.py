@@ -32,7 +32,7 @@ import torch
 
 from .config import ConfigError, ThoughtConfig, _require
 from .layout import BASE, Layout
-from .rollout import new_cache, sample_tokens
+from .rollout import new_cache, sample_thoughts, sample_tokens
 
 
 @dataclass
@@ -120,15 +120,8 @@ def think(model, cfg: ThoughtConfig, cache, base_valid: torch.Tensor, anchor: to
     B, n = base_valid.shape
     M, t = anchor.shape[1], cfg.thought_len
     layout = Layout.base_only(base_valid, cfg.attention_backend).with_streams(anchor)
-    tok = anchor.new_full((B, M), model.sot_id)
-    thoughts = []
     try:
-        for s in range(t):                     # feed <sot>, c_1 .. c_{t-1}; sample c_1 .. c_t
-            layout = layout.extend(s, 1)
-            h = model.hidden(tok, layout, cache)                                   # (B, M, H)
-            tok = sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
-            thoughts.append(tok)
-        thoughts = torch.stack(thoughts, dim=-1)                                   # (B, M, t)
+        thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator)   # (B, M, t)
         last = torch.stack([thoughts[..., -1], torch.full_like(thoughts[..., -1], model.eot_id)], -1)
         layout = layout.extend(t, 2)                                               # c_t, <eot>
         h = model.hidden(last.flatten(1), layout, cache).unflatten(1, (M, 2))      # (B, M, 2, H)

@@ -61,6 +61,22 @@ def new_cache():
     return DynamicCache()
 
 
+def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, Layout]:
+    """Feed <sot>, c_1 .. c_{t-1} to every stream of `layout` (streams attached, nothing of them
+    cached yet), one KV-cached step per token, sampling c_1 .. c_t. -> (thoughts (B, M, t), the
+    layout after the t steps)."""
+    B, M = layout.anchor.shape
+    tok = layout.anchor.new_full((B, M), model.sot_id)
+    thoughts = []
+    for s in range(cfg.thought_len):
+        layout = layout.extend(s, 1)
+        h = model.hidden(tok, layout, cache)                                   # (B, M, H)
+        tok = sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
+        thoughts.append(tok)
+    return torch.stack(thoughts, dim=-1), layout
+
+
 @torch.no_grad()
 def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             positions: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Rollout:
@@ -81,14 +97,7 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     h_base = model.hidden(input_ids, layout, cache)                           # (B, n, H) prefill
     layout = layout.with_streams(anchor)
 
-    tok = input_ids.new_full((B, M), model.sot_id)
-    thoughts = []
-    for s in range(t):                         # feed <sot>, c_1 .. c_{t-1}; sample c_1 .. c_t
-        layout = layout.extend(s, 1)
-        h = model.hidden(tok, layout, cache)                                   # (B, M, H)
-        tok = sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
-        thoughts.append(tok)
-    thoughts = torch.stack(thoughts, dim=-1)                                   # (B, M, t)
+    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator)  # (B, M, t)
 
     # c_t, <eot>, x_{i+1} .. x_{i+K-1}: stream tokens t .. t+K in one step.
     last = torch.cat([thoughts[..., -1:], input_ids.new_full((B, M, 1), model.eot_id),

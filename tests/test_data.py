@@ -1,6 +1,5 @@
 """Data: the built-in corpus, local files through `datasets`, packing/cropping, exact resume."""
 import json
-import os
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from qstar_ds.config import ConfigError
 from qstar_ds.data import SequenceStream, arith_document
 from qstar_ds.tiny import tiny_tokenizer
 
-from conftest import ci, shared_file  # noqa: F401
+from conftest import shared_file
 
 def test_arith_corpus_is_deterministic_and_varied():
     assert arith_document(0, 5) == arith_document(0, 5)
