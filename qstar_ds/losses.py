@@ -108,17 +108,24 @@ class _ChunkedLogprobs(torch.autograd.Function):
         gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        for a in range(0, h.shape[0], chunk):
-            hc, g = h[a:a + chunk], grad_out[a:a + chunk]
+        # Rows whose upstream gradient is 0 contribute nothing (typically half of the thought
+        # tokens: REINFORCE with clipped negative rewards, invalid or padded streams): skip them,
+        # i.e. skip their share of the three (rows x V x H) products of this backward.
+        rows = grad_out.nonzero().squeeze(-1)
+        for a in range(0, rows.numel(), chunk):
+            idx = rows[a:a + chunk]
+            hc, g = h.index_select(0, idx), grad_out.index_select(0, idx)
             z = _chunk_logits(hc, weight, bias, T, masked)
             # d/dz [z_t - lse] = onehot(t) - softmax(z); chain through z = (h W^T + b) / T
-            dz = -torch.exp(z - lse[a:a + chunk, None]) * g[:, None]
-            dz.scatter_add_(-1, targets[a:a + chunk, None], g[:, None])
-            dz = (dz / T).to(h.dtype)
+            dz = z.sub_(lse.index_select(0, idx)[:, None]).exp_().mul_(-g[:, None])      # in place: one buffer
+            dz.scatter_add_(-1, targets.index_select(0, idx)[:, None], g[:, None])
+            if T != 1.0:
+                dz.div_(T)
+            dz = dz.to(h.dtype)
             if gh is not None:
-                gh[a:a + chunk] = dz @ weight
+                gh.index_copy_(0, idx, dz @ weight)
             if gw is not None:
-                gw += dz.T @ hc
+                gw.addmm_(dz.T, hc)
             if gb is not None:
                 gb += dz.sum(0).to(gb.dtype)
         return gh, gw, gb, None, None, None, None

@@ -307,6 +307,15 @@ class QuietStarModel(nn.Module):
         ]
 
 
+def randomize_mixing_head(model: QuietStarModel, std: float, seed: int) -> None:
+    """N(0, std) mixing-head weights, identical on every rank (before the optimizer exists)."""
+    params = list(model.mixing_head.parameters())
+    g = torch.Generator().manual_seed(seed + 12345)
+    with gathered(params), torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(tuple(p.shape), generator=g) * std).to(p.dtype))
+
+
 def check_tokenizer(tokenizer, tokens: ThoughtTokens) -> None:
     """Raise if `tokenizer` does not map the markers to the model's ids."""
     got = tokenizer.convert_tokens_to_ids([SOT_TOKEN, EOT_TOKEN])

@@ -33,7 +33,7 @@ from .engine import (build_engine, device_type, fill_ds_config, init_distributed
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
-from .model import QuietStarModel, gathered
+from .model import QuietStarModel, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
 from .rollout import Rollout, default_positions
@@ -52,15 +52,6 @@ def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq)
     return g
-
-
-def randomize_mixing_head(model: QuietStarModel, std: float, seed: int) -> None:
-    """N(0, std) mixing-head weights, identical on every rank (before the optimizer exists)."""
-    params = list(model.mixing_head.parameters())
-    g = torch.Generator().manual_seed(seed + 12345)
-    with gathered(params), torch.no_grad():
-        for p in params:
-            p.copy_((torch.randn(tuple(p.shape), generator=g) * std).to(p.dtype))
 
 
 class Trainer:

@@ -49,7 +49,7 @@ PRESETS = {
 def build(p: dict, dtype, device):
     import torch
     from transformers import AutoModelForCausalLM
-    from qstar_ds.model import QuietStarModel, ThoughtTokens
+    from qstar_ds.model import QuietStarModel, ThoughtTokens, randomize_mixing_head
     from qstar_ds.tiny import tiny_config
     cfg = tiny_config(p["arch"], p["vocab"], hidden=p["hidden"], layers=p["layers"], heads=p["heads"],
                       kv_heads=p["kv_heads"], intermediate=p["intermediate"], tie=p["tie"])
@@ -57,6 +57,10 @@ def build(p: dict, dtype, device):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(device)
     model = QuietStarModel(base, ThoughtTokens(p["vocab"] - 2, p["vocab"] - 1))   # last two ids as markers
+    # A non-zero mixing head, as after the first optimizer step: with the zero-initialised head every
+    # reward is exactly 0, REINFORCE has no gradient and the fast path's backward (which skips
+    # zero-gradient rows) would look better than in training, where about half the thoughts count.
+    randomize_mixing_head(model, 0.05, 0)
     params = sum(q.numel() for n_, q in model.base.named_parameters() if "embed_tokens" not in n_)
     if p["tie"]:
         params += base.get_output_embeddings().weight.numel()
