@@ -82,7 +82,8 @@ class LearnOutput:
     losses: dict[str, torch.Tensor]
     """Each loss term ("talk", "base", "reinforce")."""
     thought_logp: torch.Tensor
-    """(B, M, t) log p(c_s | x_<=i, <sot>, c_<s) at the policy temperature."""
+    """(B, M, t) log p(c_s | x_<=i, <sot>, c_<s) at the policy temperature (0 for streams with
+    zero REINFORCE weight when the rewards were given and the loss is chunked: not computed)."""
     talk_logp: torch.Tensor
     """(B, M, K) mixed log-probs of the talk targets."""
     mix_w: torch.Tensor
@@ -121,10 +122,20 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
     ch = cfg.loss_chunk_tokens
     base_logp = logprobs(model, h_base[:, :-1], input_ids[:, 1:], chunk=ch)          # (B, n-1)
     base_mask = base_target_mask(base_valid) & base_loss
-    thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature, ch)  # (B, M, t)
+    valid = stream_validity(base_valid, anchor, K)
+    if rewards is not None and ch > 0:
+        # Rewards known up front (the trainer's case): a thought whose REINFORCE weight is 0
+        # (clipped negative reward, invalid stream: typically half of them) adds nothing to the
+        # loss, so its t vocabulary-sized log-probs are not computed; its thought_logp is 0.
+        adv = rewards.clamp(min=0) if cfg.clip_negative_rewards else rewards
+        sel = ((adv != 0) & valid).nonzero(as_tuple=True)
+        # called even with no row selected: under ZeRO-3 every rank runs the same modules
+        sub = logprobs(model, h_st[:, :, :t][sel], thoughts[sel], cfg.policy_temperature, ch)   # (S, t)
+        thought_logp = sub.new_zeros(B, M, t).index_put(sel, sub)                          # (B, M, t)
+    else:
+        thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature, ch)  # (B, M, t)
     talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor, ch)
 
-    valid = stream_validity(base_valid, anchor, K)
     if rewards is None:
         rewards = compute_rewards(talk_logp.sum(-1), valid, cfg.n_thoughts)
     if norm is None:

@@ -93,3 +93,30 @@ def test_learn_pass_with_chunked_loss_equals_unchunked():
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-12, atol=1e-12)
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_given_rewards_skip_zero_weight_thoughts_exactly(clip):
+    """With rewards given and a chunked loss, thoughts of zero REINFORCE weight are not scored:
+    loss and every gradient equal the unchunked pass that scores them all."""
+    model, tok = make_model("llama", dtype=torch.float64, tie=True)
+    x, am = random_batch(9, 2, len(tok) - 2, "both")
+    anchor = torch.arange(9, device=DEVICE).repeat_interleave(2)[None].expand(2, -1).contiguous()
+    thoughts = random_thoughts(2, 18, 2, len(tok) - 2)
+    rewards = torch.randn(2, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    rewards[0, :4] = 0
+    res = {}
+    for ch in (0, 5):
+        cfg = ThoughtConfig(thought_len=2, n_thoughts=2, talk_len=2, beta=0.5, loss_chunk_tokens=ch,
+                            clip_negative_rewards=clip, attention_backend="split")
+        out = learn_pass(model, cfg, x, am, anchor, thoughts, rewards=rewards)
+        res[ch] = (out, grads(model, out.loss))
+    (a, ga), (b, gb) = res[0], res[5]
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-12, atol=1e-12)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+    w = (rewards.clamp(min=0) if clip else rewards) != 0
+    w = w & a.valid
+    assert bool((~w).any()) and bool(w.any())
+    torch.testing.assert_close(b.thought_logp[w], a.thought_logp[w], rtol=1e-12, atol=1e-12)
+    assert bool((b.thought_logp[~w] == 0).all())
