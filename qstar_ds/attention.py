@@ -131,3 +131,49 @@ def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 BACKENDS["split"] = split_attention
+
+
+# ---- FlexAttention (block-sparse; GPUs) ----------------------------------------------------
+_compiled_flex = None
+
+
+def _flex_fn(device: torch.device):
+    """flex_attention, compiled on CUDA (uncompiled it runs a dense math fallback); eager on CPU,
+    where torch 2.13 has a FlexAttention forward but no backward."""
+    global _compiled_flex
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cpu" and device.type != "cuda":
+        return flex_attention
+    if device.type == "cpu":       # the unfused path is the point here (tests, no backward anyway)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def flex_attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           layout: Layout, scaling: float) -> torch.Tensor:
+    """FlexAttention with a block mask built from the layout's visibility rule (layout.block_mask):
+    blocks of 128 x 128 that nothing in them may see are skipped, so a packed pass costs about
+    (base blocks + each stream block's own diagonal) instead of S^2. GQA natively. Forward and
+    backward on CUDA; on CPU forward only (refused when a gradient is needed: use `split`)."""
+    if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+        raise RuntimeError("attention_backend=flex: torch has no FlexAttention backward on CPU; "
+                           "use attention_backend=split (or auto) on CPU")
+    bm = layout.block_mask(query.shape[2], key.shape[2], query.device)
+    out = _flex_fn(query.device)(query, key, value, block_mask=bm, scale=scaling,
+                                 enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()                                    # (B, Sq, Hq, D)
+
+
+BACKENDS["flex"] = flex_attention_backend
+
+
+def resolve_backend(name: str, device_type: str) -> str:
+    """"auto" -> flex on CUDA, split elsewhere (torch has no FlexAttention backward on CPU)."""
+    if name != "auto":
+        return name
+    return "flex" if device_type == "cuda" else "split"

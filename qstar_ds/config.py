@@ -55,7 +55,9 @@ class ThoughtConfig:
     element) and would inflate the global grad norm used for clipping, so we use the LR."""
     attention_backend: str = "dense"
     """Attention backend for thought layouts (see qstar_ds/attention.py): dense (the reference,
-    O(S^2) mask) or split (base-prefix product + per-stream block, no (S, S) tensor)."""
+    O(S^2) mask), split (base-prefix product + per-stream block, no (S, S) tensor; CPU and GPU),
+    flex (FlexAttention block-sparse; GPU: torch has no FlexAttention backward on CPU) or auto
+    (flex on CUDA, split on CPU; the choice is logged)."""
     loss_chunk_tokens: int = 0
     """> 0: log-probs over the vocabulary are computed this many tokens at a time and recomputed
     in backward, so no (all tokens x vocabulary) tensor is ever alive. 0: in one piece."""
@@ -77,8 +79,8 @@ class ThoughtConfig:
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         from .attention import BACKENDS
-        _require(self.attention_backend in BACKENDS, "attention_backend", self.attention_backend,
-                 f"must be one of {sorted(BACKENDS)}")
+        _require(self.attention_backend in BACKENDS or self.attention_backend == "auto", "attention_backend",
+                 self.attention_backend, f"must be one of {sorted(BACKENDS) + ['auto']}")
 
     @property
     def stream_len(self) -> int:

@@ -198,6 +198,32 @@ class Layout:
         self._memo["structure"] = st
         return st
 
+    def block_mask(self, n_q: int, n_k: int, device) -> "object":
+        """FlexAttention BlockMask of this layout's visibility rule (the same rule as `visible`,
+        evaluated per (query, key) from the tags, never stored as an (Sq, Sk) tensor). Memoised."""
+        key = ("block_mask", n_q, n_k, str(device))
+        if key not in self._memo:
+            from torch.nn.attention.flex_attention import create_block_mask
+            B, n = self.base_valid.shape
+            q_s, q_i, k_s, k_i = self.q_stream, self.q_idx, self.k_stream, self.k_idx
+            valid, anchor = self.base_valid, self.anchor
+            M = self.num_streams
+
+            def mask_mod(b, h, q, k):
+                qs, qi, ks, ki = q_s[q], q_i[q], k_s[k], k_i[k]
+                k_base = ks == BASE
+                if M:
+                    qa = torch.where(qs == BASE, qi, anchor[b, qs.clamp(min=0)])
+                else:
+                    qa = qi
+                see_base = k_base & valid[b, ki.clamp(max=n - 1)] & (ki <= qa)
+                own = (ks == qs) & ~k_base & (ki <= qi)
+                self_base = (qs == BASE) & k_base & (ki == qi)     # a padding query sees itself
+                return see_base | own | self_base
+
+            self._memo[key] = create_block_mask(mask_mod, B, None, n_q, n_k, device=device)
+        return self._memo[key]
+
     def base_additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, n_base_queries, n) float mask of the base queries against the base keys."""
         key = ("base_additive", dtype)

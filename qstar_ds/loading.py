@@ -102,7 +102,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gguf_file", default=None, help="GGUF file inside --model (base models only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--attention_backend", default="split", choices=["dense", "split"])
+    ap.add_argument("--attention_backend", default="auto", choices=["auto", "dense", "split", "flex"],
+                    help="auto: flex on CUDA, split on CPU")
 
 
 def check_model_arg(args: argparse.Namespace) -> None:
@@ -112,5 +113,8 @@ def check_model_arg(args: argparse.Namespace) -> None:
 
 
 def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:
+    from .attention import resolve_backend
     check_model_arg(args)
-    return load_model(args.model, getattr(torch, args.dtype), device or args.device, args.gguf_file)
+    loaded = load_model(args.model, getattr(torch, args.dtype), device or args.device, args.gguf_file)
+    args.attention_backend = resolve_backend(args.attention_backend, loaded.device.type)
+    return loaded

@@ -33,6 +33,7 @@ from .engine import (build_engine, device_type, fill_ds_config, init_distributed
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
+from .attention import resolve_backend
 from .model import QuietStarModel, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
@@ -63,6 +64,10 @@ class Trainer:
         # from here on a SIGUSR1/SIGTERM means "save and stop after the current step", not death
         self.preempt = Preemption(self.device)
         self.preempted_by = None
+        requested = cfg.thought.attention_backend
+        cfg.thought.attention_backend = resolve_backend(requested, self.device_type)
+        self.backend_note = "" if requested != "auto" else \
+            f" (auto on {self.device_type}: flex needs CUDA for its backward, split elsewhere)"
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)
@@ -132,7 +137,7 @@ class Trainer:
                 f"{zero_stage(self.ds_config)}; model {c.model.name}; n={c.data.seq_len} r={c.thought.n_thoughts} "
                 f"thought_len={c.thought.thought_len} K={c.thought.talk_len}; batch {c.train.batch_size} seq/step, "
                 f"{p.n_streams} streams/seq in {p.chunks_per_seq} chunk(s) of <= {p.streams_per_chunk} "
-                f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}"
+                f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}{self.backend_note}"
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
 
     # ---- one optimizer step -----------------------------------------------------------------

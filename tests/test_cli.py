@@ -273,3 +273,10 @@ def test_local_model_directory_and_local_jsonl_corpus(tmp_path):
     meta = json.loads((out / "checkpoints" / "step_00000002" / "qstar_meta.json").read_text())
     assert meta["data_state"]["doc_index"] == 4 and meta["data_state"]["source"] == corpus
     assert meta["signature"]["model_type"] == "qwen2"
+
+
+def test_auto_attention_backend_is_resolved_and_logged(tmp_path):
+    res = run_single(["--preset", "debug_cpu", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+                      "--thought.attention_backend", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "attention backend split (auto on cpu" in res.stdout + res.stderr

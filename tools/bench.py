@@ -6,8 +6,9 @@
     python tools/bench.py --device cuda --dtype bfloat16
 
 Modes, each measured in its own subprocess (so that peak memory is its own):
-  fast   rollout (no grad) + learn pass forward + backward, split attention backend and
-         vocabulary-chunked log-probs (loss_chunk_tokens=1024)
+  fast   rollout (no grad) + learn pass forward + backward, the --backend attention backend
+         (auto: split on CPU, FlexAttention on CUDA) and vocabulary-chunked log-probs
+         (loss_chunk_tokens=1024)
   dense  the same with the dense reference backend and unchunked log-probs
   plain  an ordinary causal-LM forward + backward on the same n base tokens
 Random weights of the preset's shape, random token ids; medians over --reps after --warmup.
@@ -21,7 +22,9 @@ transformer layers + the output head, i.e. all but the input embedding):
                   M = (n - K) r streams: the rollout runs every stream token forward once, the
                   learn pass forward and backward once.
   FLOP efficiency = (Quiet-STaR FLOPs / its time) / (plain FLOPs / plain time): how close the
-  Quiet-STaR step comes to the throughput of ordinary training on the same hardware.
+  Quiet-STaR step comes to the throughput of ordinary training on the same hardware. These are
+  nominal FLOPs: the fast path skips the log-probs of thoughts whose REINFORCE weight is 0 (about
+  half of them, with clipped negative rewards), so its ratio can exceed 1.
 Prints a table and writes JSON (--out).
 """
 from __future__ import annotations
@@ -78,9 +81,11 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, p["vocab"] - 2, (p["batch"], p["n"]), generator=g).to(dev)
     am = torch.ones_like(x)
+    from qstar_ds.attention import resolve_backend
     fast = args.mode == "fast"
+    backend = resolve_backend(args.backend, dev.type) if fast else "dense"
     cfg = ThoughtConfig(thought_len=p["t"], n_thoughts=p["r"], talk_len=p["K"],
-                        attention_backend="split" if fast else "dense", loss_chunk_tokens=1024 if fast else 0)
+                        attention_backend=backend, loss_chunk_tokens=1024 if fast else 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
@@ -111,14 +116,15 @@ def worker(args) -> dict:
     S = n + (n - K) * r * (t + K + 1)
     flops = 6 * params * n if args.mode == "plain" else (2 * params * S + 6 * params * S)
     flops *= p["batch"]
-    return {"mode": args.mode, "thought_len": t, "time_s": statistics.median(times), "times": times,
+    return {"mode": args.mode, "backend": backend if args.mode != "plain" else "-", "thought_len": t,
+            "time_s": statistics.median(times), "times": times,
             "peak_gib": peak, "model_flops": flops, "params": params, "packed_len": S}
 
 
 def run_mode(args, mode: str, thought_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--preset", args.preset,
            "--thought_len", str(thought_len), "--device", args.device, "--dtype", args.dtype,
-           "--reps", str(args.reps), "--warmup", str(args.warmup)]
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "--backend", args.backend]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"mode": mode, "thought_len": thought_len, "error": res.stderr.strip().splitlines()[-1][:300]}
@@ -131,6 +137,7 @@ def main() -> None:
     ap.add_argument("--thought_len", type=int, default=None, help="default: the preset's")
     ap.add_argument("--sweep", default="", help="comma-separated thought lengths for the fast path")
     ap.add_argument("--modes", default="fast,dense,plain")
+    ap.add_argument("--backend", default="auto", choices=["auto", "split", "flex"], help="the fast path's")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
@@ -149,12 +156,12 @@ def main() -> None:
     by = {r["mode"]: r for r in rows if "error" not in r}
     print(f"preset {args.preset} {PRESETS[args.preset]} thought_len={args.thought_len} device={args.device} "
           f"dtype={args.dtype} reps={args.reps}")
-    print(f"{'mode':8s} {'t':>3s} {'time s':>9s} {'peak GiB':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s}")
+    print(f"{'mode':8s} {'backend':7s} {'t':>3s} {'time s':>9s} {'peak GiB':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s}")
     for r in rows + sweep:
         if "error" in r:
             print(f"{r['mode']:8s} {r['thought_len']:3d} error: {r['error']}")
             continue
-        print(f"{r['mode']:8s} {r['thought_len']:3d} {r['time_s']:9.3f} {r['peak_gib']:9.2f} "
+        print(f"{r['mode']:8s} {r['backend']:7s} {r['thought_len']:3d} {r['time_s']:9.3f} {r['peak_gib']:9.2f} "
               f"{r['model_flops'] / 1e12:8.3f} {r['model_flops'] / r['time_s'] / 1e12:8.3f}")
     summary = {}
     if "fast" in by and "dense" in by:
