@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script: make `qstar_ds` importable, an
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # shadow nothing
     sys.path.insert(0, os.path.dirname(here))
 
+import gc  # noqa: E402
 import warnings  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per micro-step.
@@ -32,9 +33,11 @@ def main(argv=None) -> int:
 
     from qstar_ds.trainer import Trainer
     trainer = None
+    ok = False
     try:
         trainer = Trainer(cfg)
         trainer.fit()
+        ok = True
         # one line per rank (launchers interleave them): what cluster tests and users grep for
         how = f"pre-empted ({trainer.preempted_by})" if trainer.preempted_by else "finished"
         print(f"qstar_ds: rank {trainer.rank}/{trainer.world} {how} at step {trainer.step}, "
@@ -46,6 +49,15 @@ def main(argv=None) -> int:
         if trainer is not None:
             trainer.close()
         if dist.is_initialized():
+            if ok:
+                # Let every rank's queued collectives (DeepSpeed's async gradient reduction) finish
+                # and drop the engine's tensors before the process group and then Python go away:
+                # a gloo worker thread still releasing a Python-owned tensor during interpreter
+                # shutdown aborts the process (seen under mpirun).
+                trainer.engine.destroy()
+                del trainer
+                gc.collect()
+                dist.barrier()
             dist.destroy_process_group()
     return 0
 
