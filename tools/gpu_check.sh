@@ -3,11 +3,7 @@
 # core_step timings of a SmolLM2-shaped model. Expects transformers' wheel in .whl/ when the
 # machine's transformers is older than the one we pin.
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+. tools/gpu_env.sh
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 QSTAR_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_equivalence.py tests/test_rollout.py 2>&1 | tail -6

@@ -5,11 +5,7 @@
 # backend on the SmolLM2-360M shape (MFU) and ref_tiny_mistral at thought_len 16.
 # Expects transformers' wheel in .whl/ when the machine's transformers is older than ours.
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+. tools/gpu_env.sh
 nvidia-smi -L
 QSTAR_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -6
 timeout 200 python3 tools/bench.py --preset smollm2_360m --device cuda --dtype bfloat16 --backend flex \

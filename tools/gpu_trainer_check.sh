@@ -3,11 +3,8 @@
 # train the debug preset 4 steps with checkpoints, resume to 6, export; then the SmolLM2-shaped
 # core step timings. Wheels for packages the GPU image lacks travel in .whl/.
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+. tools/gpu_env.sh
+export PYTHONWARNINGS=ignore
 out=${OUT:-/tmp}
 python3 - <<'PY'
 import json
