@@ -63,4 +63,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qstar_ds.process_exit import exit_process
+    exit_process(main())

@@ -41,4 +41,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from qstar_ds.process_exit import exit_process
     main()
+    exit_process(0)
