@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .cli import to_yaml
 from .config import Config
+from .cpu_memory import keep_freed_memory
 from .data import SequenceStream
 from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
                      plan_step, prepare_zero_init, resolve_dtype, zero_stage)
@@ -61,6 +62,8 @@ class Trainer:
         self.device_type = device_type()
         self.rank, self.world, local_rank = init_distributed(self.device_type)
         self.device = torch.device("cuda", local_rank) if self.device_type == "cuda" else torch.device("cpu")
+        if self.device_type == "cpu":   # activations reuse freed heap blocks instead of fresh mmaps
+            keep_freed_memory()
         # from here on a SIGUSR1/SIGTERM means "save and stop after the current step", not death
         self.preempt = Preemption(self.device)
         self.preempted_by = None

@@ -12,6 +12,8 @@ Modes, each measured in its own subprocess (so that peak memory is its own):
   dense  the same with the dense reference backend and unchunked log-probs
   plain  an ordinary causal-LM forward + backward on the same n base tokens
 Random weights of the preset's shape, random token ids; medians over --reps after --warmup.
+On CPU every mode runs with qstar_ds.cpu_memory's malloc settings, as training does
+(--glibc_malloc_defaults: without them).
 Peak memory: ru_maxrss of the subprocess on CPU (includes the model and Python), peak
 torch.cuda.max_memory_allocated on GPU.
 
@@ -77,6 +79,9 @@ def worker(args) -> dict:
     from qstar_ds.rollout import rollout
     p = dict(PRESETS[args.preset], t=args.thought_len)
     dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
+    if dev.type == "cpu" and not args.glibc_malloc_defaults:   # as the trainer does on CPU, every mode
+        from qstar_ds.cpu_memory import keep_freed_memory
+        keep_freed_memory()
     model, params = build(p, dtype, dev)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, p["vocab"] - 2, (p["batch"], p["n"]), generator=g).to(dev)
@@ -124,7 +129,8 @@ def worker(args) -> dict:
 def run_mode(args, mode: str, thought_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--preset", args.preset,
            "--thought_len", str(thought_len), "--device", args.device, "--dtype", args.dtype,
-           "--reps", str(args.reps), "--warmup", str(args.warmup), "--backend", args.backend]
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "--backend", args.backend] \
+        + (["--glibc_malloc_defaults"] if args.glibc_malloc_defaults else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"mode": mode, "thought_len": thought_len, "error": res.stderr.strip().splitlines()[-1][:300]}
@@ -143,6 +149,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--glibc_malloc_defaults", action="store_true",
+                    help="CPU: leave glibc's malloc settings alone (default: qstar_ds.cpu_memory's, as in training)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,8 +162,10 @@ def main() -> None:
     rows = [run_mode(args, m, args.thought_len) for m in args.modes.split(",")]
     sweep = [run_mode(args, "fast", int(t)) for t in args.sweep.split(",") if t]
     by = {r["mode"]: r for r in rows if "error" not in r}
+    malloc = "" if args.device != "cpu" else \
+        " malloc=" + ("glibc defaults" if args.glibc_malloc_defaults else "large blocks kept (qstar_ds.cpu_memory)")
     print(f"preset {args.preset} {PRESETS[args.preset]} thought_len={args.thought_len} device={args.device} "
-          f"dtype={args.dtype} reps={args.reps}")
+          f"dtype={args.dtype} reps={args.reps}{malloc}")
     print(f"{'mode':8s} {'backend':7s} {'t':>3s} {'time s':>9s} {'peak GiB':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s}")
     for r in rows + sweep:
         if "error" in r:
