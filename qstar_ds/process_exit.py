@@ -13,7 +13,8 @@ DeepSpeed still holds its groups.
 
 So distributed entry points, once their work is written and flushed, leave with os._exit: there is
 no interpreter finalization for a worker thread to race with. Everything that must outlive the
-process (checkpoints, metrics, wandb) is closed explicitly before this is called.
+process (checkpoints, metrics, wandb) is closed explicitly before this is called; MPI, which
+mpi4py would finalize at exit, is finalized here.
 """
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ from typing import NoReturn
 
 
 def exit_process(code: int) -> NoReturn:
-    """Flush logging and the standard streams, then end the process with `code` at once."""
+    """Finalize MPI if this process initialised it, flush logging and the standard streams, then
+    end the process with `code` at once."""
+    # Under mpirun, DeepSpeed's rank discovery initialises MPI through mpi4py, whose atexit hook
+    # (skipped by os._exit) would call MPI_Finalize; a rank that exits without it is reported by
+    # mpirun as an abnormal termination (exit 1) even after a clean run.
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
