@@ -51,9 +51,9 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             if ok:
                 # Let every rank's queued collectives (DeepSpeed's async gradient reduction) finish
-                # and drop the engine's tensors before the process group and then Python go away:
-                # a gloo worker thread still releasing a Python-owned tensor during interpreter
-                # shutdown aborts the process (seen under mpirun).
+                # and drop the engine's tensors before the process group goes away. Not enough on
+                # its own against a gloo thread releasing a tensor during interpreter shutdown:
+                # the entry point below leaves with os._exit (qstar_ds/process_exit.py).
                 trainer.engine.destroy()
                 del trainer
                 gc.collect()
