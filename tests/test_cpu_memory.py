@@ -17,7 +17,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory() is True       # idempotent
 flt = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 out = []
-for _ in range(4):
+for _ in range(8):
     f0 = flt()
     xs = [torch.ones(8 << 20) for _ in range(8)]     # 8 x 32 MiB, one layer's worth of activations
     del xs
@@ -39,5 +39,10 @@ def test_freed_activation_memory_is_reused_not_faulted_in_again():
     default, keep = faults("default"), faults("keep")
     # glibc's defaults: every round maps and faults in all of it again (the cost we remove)
     assert min(default[2:]) > 0.9 * pages, default
-    # kept: after the first rounds the same heap memory is reused
-    assert max(keep[2:]) < 0.01 * pages, keep
+    # kept: the same heap memory is reused. Where the small allocations made between the big ones
+    # (tensor and storage headers) land, the heap grows by one more 32 MiB block in round 1 or 2
+    # (measured here, 36 runs: [~65480, 8192, 0, 0, ...] or [~65480, 0, 8192, 0, ...]), then
+    # settles: at most one block regrown over all later rounds, nothing in the last four.
+    block = pages // 8
+    assert sum(keep[1:]) < block + 0.01 * pages, keep
+    assert max(keep[4:]) < 0.01 * pages, keep
