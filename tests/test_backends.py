@@ -46,6 +46,37 @@ def test_learn_pass_backend_equals_dense(backend, arch, n, r, t, K):
 
 
 @pytest.mark.parametrize("backend", FAST)
+def test_learn_pass_backend_equals_dense_float32(backend):
+    """float32 (what GPUs run; FlexAttention's Triton kernels on CUDA), head_dim 16. Tolerance per
+    tensor relative to its scale, as in tests/test_equivalence.py's float32 test."""
+    model, tok = make_model("llama", dtype=torch.float32, hidden=64, heads=4, kv_heads=2, intermediate=128)
+    n, r, t, K = 11, 2, 3, 2
+    x, am = random_batch(n, 2, len(tok) - 2, "both")
+    anchor = torch.arange(n, device=DEVICE).repeat_interleave(r)[None].expand(2, -1).contiguous()
+    thoughts = random_thoughts(2, anchor.shape[1], t, len(tok) - 2)
+    with_grad = not (backend == "flex" and DEVICE == "cpu")
+    outs, gs = {}, {}
+    for b in ("dense", backend):
+        cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.5, attention_backend=b)
+        with torch.set_grad_enabled(with_grad):
+            outs[b] = learn_pass(model, cfg, x, am, anchor, thoughts)
+        gs[b] = grads(model, outs[b].loss) if with_grad else {}
+    a, o = outs["dense"], outs[backend]
+
+    def close(got, ref, what):
+        torch.testing.assert_close(got, ref, rtol=0.0, atol=1e-4 * ref.abs().max().item() + 1e-7,
+                                   msg=lambda m: f"{what}: {m}")
+    v = a.valid
+    for key in ("thought_logp", "talk_logp", "mix_w"):
+        close(getattr(o, key)[v], getattr(a, key)[v], key)
+    close(o.base_logp[a.base_mask], a.base_logp[a.base_mask], "base_logp")
+    close(o.loss, a.loss, "loss")
+    assert set(gs[backend]) == set(gs["dense"])
+    for k in gs["dense"]:
+        close(gs[backend][k], gs["dense"][k], k)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_rollout_backend_equals_dense(backend):
     model, tok = make_model("llama", dtype=torch.float64)
     x, am = random_batch(9, 2, len(tok) - 2, "both")

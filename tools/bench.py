@@ -3,7 +3,7 @@
     python tools/bench.py                          # SmolLM2-135M shape, n=128, r=2, t=8, K=4, batch 1
     python tools/bench.py --preset ref_tiny_mistral
     python tools/bench.py --sweep 4,8,16,24        # fast path over thought lengths
-    python tools/bench.py --device cuda --dtype bfloat16
+    python tools/bench.py --device cuda --dtype bfloat16 --preset smollm2_360m --batch 4 --peak_tflops 989
 
 Modes, each measured in its own subprocess (so that peak memory is its own):
   fast   rollout (no grad) + learn pass forward + backward, the --backend attention backend
@@ -14,6 +14,8 @@ Modes, each measured in its own subprocess (so that peak memory is its own):
 Random weights of the preset's shape, random token ids; medians over --reps after --warmup.
 On CPU every mode runs with qstar_ds.cpu_memory's malloc settings, as training does
 (--glibc_malloc_defaults: without them).
+Each Quiet-STaR row also gives the medians of its parts: rollout, learn forward, backward.
+MFU (with --peak_tflops, the device's dense peak for the dtype) = model FLOPs / time / peak.
 Peak memory: ru_maxrss of the subprocess on CPU (includes the model and Python), peak
 torch.cuda.max_memory_allocated on GPU.
 
@@ -78,6 +80,8 @@ def worker(args) -> dict:
     from qstar_ds.learn import learn_pass
     from qstar_ds.rollout import rollout
     p = dict(PRESETS[args.preset], t=args.thought_len)
+    if args.batch:
+        p["batch"] = args.batch
     dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
     if dev.type == "cpu" and not args.glibc_malloc_defaults:   # as the trainer does on CPU, every mode
         from qstar_ds.cpu_memory import keep_freed_memory
@@ -93,6 +97,8 @@ def worker(args) -> dict:
                         attention_backend=backend, loss_chunk_tokens=1024 if fast else 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
+    parts: dict[str, list[float]] = {"rollout": [], "learn_fwd": [], "backward": []}
+
     def step():
         sync()
         t0 = time.perf_counter()
@@ -101,8 +107,15 @@ def worker(args) -> dict:
             out.loss.backward()
         else:
             ro = rollout(model, cfg, x, am, generator=torch.Generator(device=dev).manual_seed(0))
+            sync()
+            t1 = time.perf_counter()
             out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts, rewards=ro.rewards)
+            sync()
+            t2 = time.perf_counter()
             out.loss.backward()
+            sync()
+            for k, v in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                parts[k].append(v)
         sync()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
@@ -111,6 +124,8 @@ def worker(args) -> dict:
         step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    for v in parts.values():
+        v.clear()
     times = [step() for _ in range(args.reps)]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -123,13 +138,15 @@ def worker(args) -> dict:
     flops *= p["batch"]
     return {"mode": args.mode, "backend": backend if args.mode != "plain" else "-", "thought_len": t,
             "time_s": statistics.median(times), "times": times,
-            "peak_gib": peak, "model_flops": flops, "params": params, "packed_len": S}
+            "peak_gib": peak, "model_flops": flops, "params": params, "packed_len": S, "batch": p["batch"],
+            "parts_s": {k: statistics.median(v) for k, v in parts.items() if v}}
 
 
 def run_mode(args, mode: str, thought_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--preset", args.preset,
            "--thought_len", str(thought_len), "--device", args.device, "--dtype", args.dtype,
-           "--reps", str(args.reps), "--warmup", str(args.warmup), "--backend", args.backend] \
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "--backend", args.backend,
+           "--batch", str(args.batch)] \
         + (["--glibc_malloc_defaults"] if args.glibc_malloc_defaults else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -146,6 +163,9 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "split", "flex"], help="the fast path's")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=0, help="sequences per step (default: the preset's, 1)")
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="the device's dense peak TFLOP/s for --dtype: adds an MFU column (H100/H200 bf16: 989)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default="bench.json")
@@ -165,14 +185,19 @@ def main() -> None:
     malloc = "" if args.device != "cpu" else \
         " malloc=" + ("glibc defaults" if args.glibc_malloc_defaults else "large blocks kept (qstar_ds.cpu_memory)")
     print(f"preset {args.preset} {PRESETS[args.preset]} thought_len={args.thought_len} device={args.device} "
-          f"dtype={args.dtype} reps={args.reps}{malloc}")
-    print(f"{'mode':8s} {'backend':7s} {'t':>3s} {'time s':>9s} {'peak GiB':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s}")
+          f"dtype={args.dtype} batch={args.batch or PRESETS[args.preset]['batch']} reps={args.reps}{malloc}")
+    mfu = f" {'MFU':>6s}" if args.peak_tflops else ""
+    print(f"{'mode':8s} {'backend':7s} {'t':>3s} {'time s':>9s} {'peak GiB':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s}{mfu}"
+          f"  parts (rollout / learn fwd / backward s)")
     for r in rows + sweep:
         if "error" in r:
             print(f"{r['mode']:8s} {r['thought_len']:3d} error: {r['error']}")
             continue
+        tflops = r["model_flops"] / r["time_s"] / 1e12
+        mfu = f" {tflops / args.peak_tflops:6.1%}" if args.peak_tflops else ""
+        parts = " / ".join(f"{v:.3f}" for v in r.get("parts_s", {}).values())
         print(f"{r['mode']:8s} {r['backend']:7s} {r['thought_len']:3d} {r['time_s']:9.3f} {r['peak_gib']:9.2f} "
-              f"{r['model_flops'] / 1e12:8.3f} {r['model_flops'] / r['time_s'] / 1e12:8.3f}")
+              f"{r['model_flops'] / 1e12:8.3f} {tflops:8.3f}{mfu}  {parts}")
     summary = {}
     if "fast" in by and "dense" in by:
         summary["speedup_fast_vs_dense"] = by["dense"]["time_s"] / by["fast"]["time_s"]
