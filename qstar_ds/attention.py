@@ -135,6 +135,7 @@ BACKENDS["split"] = split_attention
 
 # ---- FlexAttention (block-sparse; GPUs) ----------------------------------------------------
 _compiled_flex = None
+FLEX_MIN_HEAD_DIM = 16      # torch 2.11's Triton templates: "NYI: embedding dimension ... at least 16"
 
 
 def _flex_fn(device: torch.device):
@@ -163,6 +164,9 @@ def flex_attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
         raise RuntimeError("attention_backend=flex: torch has no FlexAttention backward on CPU; "
                            "use attention_backend=split (or auto) on CPU")
+    if query.device.type == "cuda" and query.shape[-1] < FLEX_MIN_HEAD_DIM:
+        raise RuntimeError(f"attention_backend=flex: head_dim {query.shape[-1]} < {FLEX_MIN_HEAD_DIM}, which "
+                           "FlexAttention's CUDA kernels do not support; use attention_backend=split")
     bm = layout.block_mask(query.shape[2], key.shape[2], query.device)
     out = _flex_fn(query.device)(query, key, value, block_mask=bm, scale=scaling,
                                  enable_gqa=query.shape[1] != key.shape[1])
@@ -172,8 +176,10 @@ def flex_attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.
 BACKENDS["flex"] = flex_attention_backend
 
 
-def resolve_backend(name: str, device_type: str) -> str:
-    """"auto" -> flex on CUDA, split elsewhere (torch has no FlexAttention backward on CPU)."""
+def resolve_backend(name: str, device_type: str, head_dim: int | None = None) -> str:
+    """"auto" -> flex on CUDA (head_dim >= 16), split elsewhere (torch has no FlexAttention
+    backward on CPU; its CUDA kernels need head_dim >= 16)."""
     if name != "auto":
         return name
-    return "flex" if device_type == "cuda" else "split"
+    ok = head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM
+    return "flex" if device_type == "cuda" and ok else "split"

@@ -22,7 +22,8 @@ def grads(model, loss):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("arch,n,r,t,K", [("llama", 9, 2, 3, 2), ("qwen2", 8, 1, 1, 1), ("mistral", 10, 3, 2, 3)])
 def test_learn_pass_backend_equals_dense(backend, arch, n, r, t, K):
-    model, tok = make_model(arch, dtype=torch.float64)
+    # head_dim 16: FlexAttention's CUDA kernels refuse smaller heads
+    model, tok = make_model(arch, dtype=torch.float64, hidden=64)
     x, am = random_batch(n, 2, len(tok) - 2, "both")
     anchor = torch.arange(n, device=DEVICE).repeat_interleave(r)[None].expand(2, -1).contiguous()
     thoughts = random_thoughts(2, anchor.shape[1], t, len(tok) - 2)
@@ -78,7 +79,7 @@ def test_learn_pass_backend_equals_dense_float32(backend):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_rollout_backend_equals_dense(backend):
-    model, tok = make_model("llama", dtype=torch.float64)
+    model, tok = make_model("llama", dtype=torch.float64, hidden=64)
     x, am = random_batch(9, 2, len(tok) - 2, "both")
     ros = {}
     for b in ("dense", backend):
@@ -94,6 +95,8 @@ def test_flex_refuses_cpu_backward_and_auto_picks_by_device():
     from qstar_ds.attention import resolve_backend
     assert resolve_backend("auto", "cuda") == "flex" and resolve_backend("auto", "cpu") == "split"
     assert resolve_backend("dense", "cuda") == "dense"
+    assert resolve_backend("auto", "cuda", head_dim=8) == "split"
+    assert resolve_backend("auto", "cuda", head_dim=64) == "flex"
     if DEVICE != "cpu":
         pytest.skip("CPU-only refusal")
     model, tok = make_model("llama", dtype=torch.float64)
