@@ -56,8 +56,9 @@ class ThoughtConfig:
     attention_backend: str = "dense"
     """Attention backend for thought layouts (see qstar_ds/attention.py): dense (the reference,
     O(S^2) mask), split (base-prefix product + per-stream block, no (S, S) tensor; CPU and GPU),
-    flex (FlexAttention block-sparse; GPU: torch has no FlexAttention backward on CPU) or auto
-    (flex on CUDA, split on CPU; the choice is logged)."""
+    flex (FlexAttention block-sparse; GPU only for training: torch has no FlexAttention backward
+    on CPU; float32/bfloat16, head_dim >= 16) or auto (split on every device: measured faster than
+    flex on an H200; the choice and its reason are logged)."""
     loss_chunk_tokens: int = 0
     """> 0: log-probs over the vocabulary are computed this many tokens at a time and recomputed
     in backward, so no (all tokens x vocabulary) tensor is ever alive. 0: in one piece."""

@@ -103,7 +103,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention_backend", default="auto", choices=["auto", "dense", "split", "flex"],
-                    help="auto: flex on CUDA, split on CPU")
+                    help="auto: split (see qstar_ds.attention.AUTO_NOTE)")
 
 
 def check_model_arg(args: argparse.Namespace) -> None:

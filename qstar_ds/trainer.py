@@ -34,7 +34,7 @@ from .engine import (build_engine, device_type, fill_ds_config, init_distributed
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .metrics import MetricsLogger, print0, progress
-from .attention import resolve_backend
+from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
@@ -70,7 +70,7 @@ class Trainer:
         requested = cfg.thought.attention_backend
         cfg.thought.attention_backend = resolve_backend(requested, self.device_type)
         self.backend_note = "" if requested != "auto" else \
-            f" (auto on {self.device_type}: flex needs CUDA for its backward, split elsewhere)"
+            f" (auto on {self.device_type} -> {auto_note(self.device_type)})"
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)

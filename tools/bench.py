@@ -7,7 +7,7 @@
 
 Modes, each measured in its own subprocess (so that peak memory is its own):
   fast   rollout (no grad) + learn pass forward + backward, the --backend attention backend
-         (auto: split on CPU, FlexAttention on CUDA) and vocabulary-chunked log-probs
+         (auto: split; --backend flex for FlexAttention on CUDA) and vocabulary-chunked log-probs
          (loss_chunk_tokens=1024)
   dense  the same with the dense reference backend and unchunked log-probs
   plain  an ordinary causal-LM forward + backward on the same n base tokens

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's checks for the performance issue, in one call (<= 8 min on an H100/H200):
 # the backend equivalence tests on CUDA (FlexAttention values *and gradients* against the dense
-# reference, float64 and float32: CPU cannot run FlexAttention's backward), then tools/bench.py in
-# bf16 on the SmolLM2-360M shape at batch 4 (MFU against the 989 TFLOP/s bf16 dense peak of an
-# H100/H200): fast (flex), dense, plain, and the fast path with the split backend for comparison.
+# reference in float32 -- its CUDA kernels have no float64 -- and split in float64 and float32: CPU
+# cannot run FlexAttention's backward), then tools/bench.py in bf16 on the SmolLM2-360M shape at
+# batch 4 (MFU against the 989 TFLOP/s bf16 dense peak of an H100/H200): fast (flex), dense, plain,
+# and the fast path with the split backend (what `auto` picks) for comparison.
 # Expects transformers' wheel in .whl/ when the machine's transformers is older than ours.
 # Logs go to $OUT (they come back even when a step times out).
 set -u
