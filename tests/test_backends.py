@@ -19,33 +19,39 @@ def grads(model, loss):
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("arch,n,r,t,K", [("llama", 9, 2, 3, 2), ("qwen2", 8, 1, 1, 1), ("mistral", 10, 3, 2, 3)])
-def test_learn_pass_backend_equals_dense(backend, arch, n, r, t, K):
-    # head_dim 16: FlexAttention's CUDA kernels refuse smaller heads
-    model, tok = make_model(arch, dtype=torch.float64, hidden=64)
+def dense_and(backend, model, tok, n, r, t, K):
+    """Learn pass outputs and parameter gradients of `dense` and `backend` on the same random
+    batch (padding on both sides, every position anchored). torch has no FlexAttention backward
+    on CPU: there flex gives values only (gradients {}; QSTAR_TEST_DEVICE=cuda checks them)."""
     x, am = random_batch(n, 2, len(tok) - 2, "both")
     anchor = torch.arange(n, device=DEVICE).repeat_interleave(r)[None].expand(2, -1).contiguous()
     thoughts = random_thoughts(2, anchor.shape[1], t, len(tok) - 2)
-    outs, gs = {}, {}
-    # torch has no FlexAttention backward on CPU: there the flex case checks values only (the
-    # same test with QSTAR_TEST_DEVICE=cuda checks its gradients)
     with_grad = not (backend == "flex" and DEVICE == "cpu")
-    if backend == "flex" and DEVICE == "cuda":
-        pytest.skip("FlexAttention's CUDA kernels have no float64 (the float32 test covers flex on CUDA)")
+    outs, gs = {}, {}
     for b in ("dense", backend):
         cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.5, attention_backend=b)
         with torch.set_grad_enabled(with_grad):
             outs[b] = learn_pass(model, cfg, x, am, anchor, thoughts)
         gs[b] = grads(model, outs[b].loss) if with_grad else {}
-    a, o = outs["dense"], outs[backend]
+    assert set(gs[backend]) == set(gs["dense"])
+    return outs["dense"], outs[backend], gs["dense"], gs[backend]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("arch,n,r,t,K", [("llama", 9, 2, 3, 2), ("qwen2", 8, 1, 1, 1), ("mistral", 10, 3, 2, 3)])
+def test_learn_pass_backend_equals_dense(backend, arch, n, r, t, K):
+    if backend == "flex" and DEVICE == "cuda":
+        pytest.skip("FlexAttention's CUDA kernels have no float64 (the float32 test covers flex on CUDA)")
+    # head_dim 16: FlexAttention's CUDA kernels refuse smaller heads
+    model, tok = make_model(arch, dtype=torch.float64, hidden=64)
+    a, o, ga, go = dense_and(backend, model, tok, n, r, t, K)
     v = a.valid
     for key in ("thought_logp", "talk_logp", "mix_w"):
         torch.testing.assert_close(getattr(o, key)[v], getattr(a, key)[v], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(o.base_logp[a.base_mask], a.base_logp[a.base_mask], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(o.loss, a.loss, rtol=1e-10, atol=1e-12)
-    for k in gs["dense"]:
-        torch.testing.assert_close(gs[backend][k], gs["dense"][k], rtol=1e-8, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+    for k in ga:
+        torch.testing.assert_close(go[k], ga[k], rtol=1e-8, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -53,18 +59,7 @@ def test_learn_pass_backend_equals_dense_float32(backend):
     """float32 (what GPUs run; FlexAttention's Triton kernels on CUDA), head_dim 16. Tolerance per
     tensor relative to its scale, as in tests/test_equivalence.py's float32 test."""
     model, tok = make_model("llama", dtype=torch.float32, hidden=64, heads=4, kv_heads=2, intermediate=128)
-    n, r, t, K = 11, 2, 3, 2
-    x, am = random_batch(n, 2, len(tok) - 2, "both")
-    anchor = torch.arange(n, device=DEVICE).repeat_interleave(r)[None].expand(2, -1).contiguous()
-    thoughts = random_thoughts(2, anchor.shape[1], t, len(tok) - 2)
-    with_grad = not (backend == "flex" and DEVICE == "cpu")
-    outs, gs = {}, {}
-    for b in ("dense", backend):
-        cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.5, attention_backend=b)
-        with torch.set_grad_enabled(with_grad):
-            outs[b] = learn_pass(model, cfg, x, am, anchor, thoughts)
-        gs[b] = grads(model, outs[b].loss) if with_grad else {}
-    a, o = outs["dense"], outs[backend]
+    a, o, ga, go = dense_and(backend, model, tok, 11, 2, 3, 2)
 
     def close(got, ref, what):
         torch.testing.assert_close(got, ref, rtol=0.0, atol=1e-4 * ref.abs().max().item() + 1e-7,
@@ -74,9 +69,8 @@ def test_learn_pass_backend_equals_dense_float32(backend):
         close(getattr(o, key)[v], getattr(a, key)[v], key)
     close(o.base_logp[a.base_mask], a.base_logp[a.base_mask], "base_logp")
     close(o.loss, a.loss, "loss")
-    assert set(gs[backend]) == set(gs["dense"])
-    for k in gs["dense"]:
-        close(gs[backend][k], gs["dense"][k], k)
+    for k in ga:
+        close(go[k], ga[k], k)
 
 
 @pytest.mark.parametrize("backend", FAST)
