@@ -6,6 +6,7 @@ with one line naming the key and the value.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 
@@ -18,10 +19,21 @@ def _require(cond: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+MODES = ("quiet_star", "filler", "off")
+
+
 @dataclass
 class ThoughtConfig:
     """How thoughts are sampled and scored, and how the loss is weighted."""
 
+    mode: str = "quiet_star"
+    """quiet_star: sampled thoughts trained with REINFORCE (the method). filler: every thought is
+    the fixed `filler` token repeated (the pause-token control: the extra computation and the
+    mixing head without sampled content; no rollout, no REINFORCE). off: no thoughts at all,
+    plain continued pretraining on the base NLL (weight 1). The two controls use the same data,
+    steps and optimizer as quiet_star, so their held-out NLL says what the data alone gives."""
+    filler: str = "..."
+    """filler mode: the text whose first token fills every thought slot."""
     thought_len: int = 8
     """t: sampled thought tokens per thought. <|startofthought|> and <|endofthought|> come on top,
     so a thought occupies thought_len + 2 positions."""
@@ -53,6 +65,10 @@ class ThoughtConfig:
     The reference stored them /100 and multiplied by 100 in forward: under Adam that is ~100x
     learning rate. A gradient multiplier would do almost nothing under Adam (scale-invariant per
     element) and would inflate the global grad norm used for clipping, so we use the LR."""
+    mixing_lr_mult: float = 1.0
+    """Learning-rate multiplier of the mixing head (its own parameter groups). The head is new
+    and starts at w = 0; at small scale and lr it barely moves in a short run (w ~ 0.005 after
+    60 steps at lr 1e-5), so the thoughts cannot show an effect. 1 = the paper's single lr."""
     attention_backend: str = "dense"
     """Attention backend for thought layouts (see qstar_ds/attention.py): dense (the reference,
     O(S^2) mask), split (base-prefix product + per-stream block, no (S, S) tensor; CPU and GPU),
@@ -75,10 +91,11 @@ class ThoughtConfig:
                  "must be an integer >= 0 (0 = off)")
         _require(self.reinforce_temperature is None or self.reinforce_temperature > 0,
                  "reinforce_temperature", self.reinforce_temperature, "must be > 0 or None")
-        for key in ("w_talk", "w_base", "beta", "thought_lr_mult"):
+        for key in ("w_talk", "w_base", "beta", "thought_lr_mult", "mixing_lr_mult"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
+        _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
         from .attention import BACKENDS
         _require(self.attention_backend in BACKENDS or self.attention_backend == "auto", "attention_backend",
                  self.attention_backend, f"must be one of {sorted(BACKENDS) + ['auto']}")
@@ -203,6 +220,8 @@ class TrainConfig:
     """auto (newest complete checkpoint in output_dir, else start fresh), none, or a checkpoint path."""
     log_every: int = 1
     """Write metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate on held-out text every this many steps (0 = only at the end; see `eval`)."""
     thought_table_every: int = 50
     """Log a table of sampled thoughts every this many steps (0 = never)."""
     wandb: str = "disabled"
@@ -214,11 +233,52 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "chunk_tokens", "keep_last", "log_every"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 1, f"train.{key}", v, "must be an integer >= 1")
-        for key in ("save_every", "thought_table_every"):
+        for key in ("save_every", "thought_table_every", "eval_every"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 0, f"train.{key}", v, "must be an integer >= 0")
         _require(self.wandb in ("disabled", "offline", "online"), "train.wandb", self.wandb,
                  "must be disabled, offline or online")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training (train.eval_every, and always at the end)."""
+
+    source: str | None = None
+    """None: a held-out split of data.source (documents whose hash falls in `holdout_fraction`;
+    training skips them, so it never reads them). Otherwise a local .jsonl/.json/.parquet/.txt
+    file (data.text_field names the column) read in full; training then reads data.source whole."""
+    holdout_fraction: float = 0.05
+    """Share of data.source's documents held out for evaluation when `source` is None (by a
+    hash of the document text salted with data.seed: duplicates land on the same side)."""
+    sequences: int = 64
+    """Held-out sequences (of data.seq_len tokens, packed like training) scored per evaluation."""
+    batch_size: int = 8
+    """Held-out sequences per forward pass (over all ranks together)."""
+    temperature: float = 0.001
+    """Sampling temperature of evaluation thoughts (the paper evaluates near-greedy)."""
+    seed: int = 0
+    """Seeds evaluation thought sampling (the same at every evaluation, so curves compare like with like)."""
+    tasks_every_eval: bool = False
+    """Also score the GSM8K/CSQA slices at every evaluation (else only at the end)."""
+    gsm8k: int = 0
+    """Items of the GSM8K soft-score slice (0 = off); read from `task_data_dir` or the hub."""
+    csqa: int = 0
+    """Items of the CommonsenseQA soft-score slice (0 = off)."""
+    task_data_dir: str | None = None
+    """Folder with gsm8k/test.jsonl and commonsenseqa/dev.jsonl (None: the hub)."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.holdout_fraction < 1, "eval.holdout_fraction", self.holdout_fraction,
+                 "must be in [0, 1)")
+        for key in ("sequences", "batch_size"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v >= 1, f"eval.{key}", v, "must be an integer >= 1")
+        for key in ("gsm8k", "csqa"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v >= 0, f"eval.{key}", v, "must be an integer >= 0")
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "eval.temperature",
+                 self.temperature, "must be a finite number > 0")
 
 
 @dataclass
@@ -235,6 +295,8 @@ class Config:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     ds_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON config (fields set to "auto" are filled from this config)."""
 
@@ -242,6 +304,8 @@ class Config:
         n, K = self.data.seq_len, self.thought.talk_len
         _require(n >= K + 1, "data.seq_len", n, f"is shorter than thought.talk_len + 1 = {K + 1}")
         need = n + self.thought.stream_len
+        _require(self.eval.source is not None or self.eval.holdout_fraction > 0, "eval.holdout_fraction",
+                 self.eval.holdout_fraction, "must be > 0 when eval.source is not set (nothing to evaluate on)")
         _require(self.train.chunk_tokens >= need, "train.chunk_tokens", self.train.chunk_tokens,
                  f"must hold the {n} base tokens plus one stream of {self.thought.stream_len} tokens "
                  f"(>= {need})")
@@ -255,6 +319,7 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "train": {"max_steps": 4, "batch_size": 2, "chunk_tokens": 80, "save_every": 2,
                   "thought_table_every": 2},
+        "eval": {"sequences": 6, "batch_size": 4},
     },
     "smollm2": {  # the default: sized so that a step takes seconds, not minutes, on a laptop CPU
         "model": {"name": "smollm2"},

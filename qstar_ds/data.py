@@ -12,6 +12,7 @@ a Quiet-STaR step (t + K + 1 times the tokens of a plain step).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from typing import Iterator
@@ -84,7 +85,14 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text", 
         if ext not in _FILE_BUILDERS:
             raise DataError(f"data.source={source!r}: unsupported file type {ext!r}; "
                             f"use one of {sorted(_FILE_BUILDERS)}")
-        ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=source, split="train")
+        if os.path.getsize(source) == 0:
+            raise DataError(f"data.source={source!r}: the file is empty")
+        try:
+            ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=source, split="train")
+        except Exception as e:  # noqa: BLE001 - malformed/binary files: one line, not a datasets traceback
+            cause = e.__cause__ or e.__context__ or e
+            raise DataError(f"data.source={source!r}: cannot be read as {ext} ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0][:200] if str(cause) else ''})") from None
         where = source
     else:
         ds = datasets.load_dataset(source, subset, split=split, streaming=True)
@@ -104,13 +112,25 @@ def _texts(rows, start: int, text_field: str, where: str) -> Iterator[str]:
         yield text
 
 
+def is_heldout(text: str, fraction: float, salt: int) -> bool:
+    """Whether a document belongs to the held-out split: a hash of its text (salted with the data
+    seed) below `fraction`. Decided by content, so a duplicated document lands on one side only."""
+    h = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(salt).encode()).digest()
+    return int.from_bytes(h, "big") < fraction * 2**64
+
+
 # ---- sequences ------------------------------------------------------------------------------
 class SequenceStream:
     """Sequences of n token ids (+ attention mask) from a document stream, with a resumable state."""
 
     def __init__(self, tokenizer, source: str, seq_len: int, pack: bool = True, split: str = "train",
-                 text_field: str = "text", subset: str | None = None, seed: int = 0, state: dict | None = None):
+                 text_field: str = "text", subset: str | None = None, seed: int = 0, state: dict | None = None,
+                 holdout: float = 0.0, heldout_side: bool = False):
+        """holdout > 0: split the documents by `is_heldout`; this stream reads the held-out side
+        when `heldout_side`, else the training side (skipped documents still count in doc_index,
+        so a resumed stream continues at the same place)."""
         self.tok, self.n, self.pack = tokenizer, seq_len, pack
+        self.holdout, self.heldout_side = holdout, heldout_side
         self.source_args = dict(source=source, split=split, text_field=text_field, subset=subset, seed=seed)
         state = state or {}
         self.doc_index = int(state.get("doc_index", 0))
@@ -127,12 +147,16 @@ class SequenceStream:
                 "source": self.source_args["source"]}
 
     def _next_doc_tokens(self) -> list[int]:
-        try:
-            text = next(self._docs)
-        except StopIteration:
-            raise DataError(f"data.source={self.source_args['source']!r} ran out after "
-                               f"{self.doc_index} documents ({self.sequences} sequences)") from None
-        self.doc_index += 1
+        while True:
+            try:
+                text = next(self._docs)
+            except StopIteration:
+                side = " (held-out side)" if self.holdout and self.heldout_side else ""
+                raise DataError(f"data.source={self.source_args['source']!r} ran out after "
+                                f"{self.doc_index} documents ({self.sequences} sequences){side}") from None
+            self.doc_index += 1
+            if not self.holdout or is_heldout(text, self.holdout, self.source_args["seed"]) == self.heldout_side:
+                break
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def next_sequence(self) -> tuple[list[int], list[int]]:
@@ -156,3 +180,17 @@ class SequenceStream:
         seqs = [self.next_sequence() for _ in range(batch)]
         return (torch.tensor([s[0] for s in seqs], dtype=torch.long),
                 torch.tensor([s[1] for s in seqs], dtype=torch.long))
+
+
+def first_sequences(stream: SequenceStream, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `count` sequences of `stream` (fewer when the source ends first; a source without a
+    single one raises DataError). -> input_ids, attention_mask (rows, n)."""
+    rows = []
+    try:
+        while len(rows) < count:
+            rows.append(stream.next_sequence())
+    except DataError:
+        if not rows:
+            raise
+    return (torch.tensor([r[0] for r in rows], dtype=torch.long),
+            torch.tensor([r[1] for r in rows], dtype=torch.long))

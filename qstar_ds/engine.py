@@ -52,6 +52,8 @@ class StepPlan:
 
 
 def plan_step(cfg: Config, world: int) -> StepPlan:
+    if cfg.thought.mode == "off":           # no streams: one base-only chunk per sequence
+        return StepPlan(0, 0, 1, cfg.train.batch_size, world)
     n, L = cfg.data.seq_len, cfg.thought.stream_len
     M = (n - cfg.thought.talk_len) * cfg.thought.n_thoughts
     per = max(1, (cfg.train.chunk_tokens - n) // L)
@@ -216,7 +218,8 @@ def build_engine(model, cfg: Config, ds_config: dict):
     """deepspeed.initialize with our parameter groups and LR schedule. -> engine."""
     import deepspeed
 
-    groups = model.parameter_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.thought.thought_lr_mult)
+    groups = model.parameter_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.thought.thought_lr_mult,
+                                    cfg.thought.mixing_lr_mult)
     groups = [g for g in groups if g["params"]]
 
     def scheduler(optimizer):

@@ -15,6 +15,10 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   step.", k samples at temperature 0.9 up to 384 tokens (stopping early at "\\nQ:"), then
   "Therefore, the answer (arabic numerals) is" and a greedy answer; majority vote over the k
   numbers. Reports maj@k accuracy as exact, the mean single-sample accuracy as soft.
+- nll: held-out NLL of any text (`--data nll=FILE`, .jsonl/.json/.parquet/.txt, packed into
+  --nll_seq_len-token sequences): per token, the model without thoughts and with one thought after
+  each position (heldout.py: the same measurement as the trainer's held-out evaluation), the gain
+  with a 95% CI over sequences, the gain by base-NLL decile and over the K-token window.
 Each score comes with n and a 95% confidence interval (Wilson for accuracies, normal for soft).
 Results: a printed table and a JSON file with every item's prediction.
 """
@@ -32,8 +36,9 @@ import torch
 
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
+from .heldout import line as heldout_line, summarize, token_scores
 from .layout import Layout
-from .rollout import new_cache
+from .rollout import default_positions, new_cache, rollout
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
 
@@ -205,6 +210,52 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, st: Eval
     return out
 
 
+@torch.no_grad()
+def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int,
+               filler_id: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """heldout.token_scores of sequences (D, n), one thought per position (the filler thought
+    for a model trained with filler thoughts) -> tensors (D, P)."""
+    from tqdm import tqdm
+    dev = model.lm_head.weight.device
+    positions = default_positions(ids.shape[1], cfg.talk_len, dev)
+    parts: dict[str, list] = {}
+    for a in tqdm(range(0, ids.shape[0], batch_size), desc="nll", unit="batch", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True):
+        x, am = ids[a:a + batch_size].to(dev), mask[a:a + batch_size].to(dev)
+        fixed = None if filler_id is None else x.new_full((x.shape[0], positions.numel(), cfg.thought_len), filler_id)
+        ro = rollout(model, cfg, x, am, positions, torch.Generator(device=dev).manual_seed(seed + a),
+                     base_logprobs=True, thoughts=fixed)
+        for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w).items():
+            parts.setdefault(k, []).append(v.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def nll_sequences(tokenizer, path: str, seq_len: int, count: int, text_field: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `count` packed sequences of `seq_len` tokens from a text file (fewer if it runs out)."""
+    from .data import DataError, SequenceStream, first_sequences
+    try:
+        return first_sequences(SequenceStream(tokenizer, path, seq_len, pack=True, text_field=text_field), count)
+    except DataError as e:
+        raise TaskError(f"task nll: {e}") from None
+
+
+def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int) -> dict:
+    ids, mask = nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences, args.text_field)
+    ecfg = ThoughtConfig(**{**vars(cfg), "n_thoughts": 1, "talk_len": args.talk_len})
+    t0 = time.perf_counter()
+    mine = nll_scores(model, ecfg, ids[rank::world], mask[rank::world], args.batch_size, args.seed + rank,
+                      filler_id, progress=rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+        parts: list = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = {k: torch.cat([p[k] for p in parts]) for k in mine}
+    m = summarize(mine, ecfg.talk_len)
+    m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
+             thoughts="filler" if filler_id is not None else "sampled", seconds=time.perf_counter() - t0)
+    return m
+
+
 # ---- running ---------------------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
     """(rank, world) from the launcher's environment (torchrun, deepspeed), initialising
@@ -279,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qstar_ds.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated among {', '.join(TASKS)}")
+    ap.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated among {', '.join(TASKS + ('nll',))}")
     ap.add_argument("--data_dir", default=None, help="directory with gsm8k/test.jsonl and commonsenseqa/dev.jsonl "
                                                      "(default: the hub)")
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE", help="a jsonl file for one task")
@@ -295,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--think_threshold", type=float, default=None,
                     help="think only where the base next-token entropy (nats) >= this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nll_seq_len", type=int, default=128, help="nll: tokens per packed sequence")
+    ap.add_argument("--nll_sequences", type=int, default=64, help="nll: sequences scored (fewer if the file ends)")
+    ap.add_argument("--talk_len", type=int, default=4, help="nll: K of the non-myopic window")
+    ap.add_argument("--text_field", default="text", help="nll: the text column of a jsonl/json/parquet file")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
     rank, world = dist_info()
@@ -302,20 +357,32 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
+        known = TASKS + ("nll",)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         for t in tasks:
-            if t not in TASKS:
-                raise TaskError(f"--tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
+            if t not in known:
+                raise TaskError(f"--tasks: unknown task {t!r}; known: {', '.join(known)}")
         files = {}
         for d in args.data:
             task, sep, path = d.partition("=")
-            if not sep or task not in TASKS:
-                raise TaskError(f"--data={d!r}: expected TASK=FILE with TASK among {', '.join(TASKS)}")
+            if not sep or task not in known:
+                raise TaskError(f"--data={d!r}: expected TASK=FILE with TASK among {', '.join(known)}")
             files[task] = path
         for name, v in [("limit", args.limit), ("batch_size", args.batch_size), ("cot_samples", args.cot_samples),
-                        ("cot_max_tokens", args.cot_max_tokens), ("max_answer_tokens", args.max_answer_tokens)]:
+                        ("cot_max_tokens", args.cot_max_tokens), ("max_answer_tokens", args.max_answer_tokens),
+                        ("nll_sequences", args.nll_sequences), ("talk_len", args.talk_len)]:
             if v is not None and v < 1:
                 raise TaskError(f"--{name}={v}: must be >= 1")
+        if args.nll_seq_len < args.talk_len + 1:
+            raise TaskError(f"--nll_seq_len={args.nll_seq_len}: must be >= talk_len + 1 = {args.talk_len + 1}")
+        nll_file = None
+        if "nll" in tasks:
+            nll_file = files.get("nll")
+            if nll_file is None:
+                raise TaskError("task nll needs its text: --data nll=FILE (.jsonl/.json/.parquet/.txt)")
+            if not os.path.isfile(nll_file):
+                raise TaskError(f"task nll: data file {nll_file} not found")
+            tasks.remove("nll")
         check_model_arg(args)
         # gsm8k_cot reads the gsm8k file unless given its own
         items = {t: load_items(t, files.get(t) or files.get(t.removesuffix("_cot")), args.data_dir, args.limit)
@@ -332,16 +399,30 @@ def main(argv: list[str] | None = None) -> int:
                       args.cot_temperature, args.seed, args.think_threshold)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
     out = run(loaded.model, loaded.tokenizer, cfg, tasks, settings, st, items, loaded.device, rank, world)
+    nll = None
+    if nll_file is not None:
+        try:
+            nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world)
+        except (ConfigError, TaskError) as e:
+            print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
+            return 2
     if rank == 0:
         out = {"model": loaded.source, "world_size": world, "thought_config": vars(cfg), "settings": vars(st),
-               **out}
+               **out, **({"nll": nll} if nll is not None else {})}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = args.output + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1, default=str)
         os.replace(tmp, args.output)
         print(f"model: {loaded.source}")
-        print(table(out["results"]))
+        if out["results"]:
+            print(table(out["results"]))
+        if nll is not None:
+            if args.thoughts == "off":
+                print(f"nll {nll_file}: {nll['nll_base']:.4f} nats/token without thoughts over {nll['sequences']} "
+                      f"sequences ({nll['tokens']} tokens)")
+            else:
+                print(f"nll {nll_file}: " + heldout_line(0, nll).removeprefix("eval step 0: "))
         print(f"results: {args.output}")
     if world > 1:
         import torch.distributed as dist

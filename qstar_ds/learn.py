@@ -99,6 +99,25 @@ class LearnOutput:
     extra: dict = field(default_factory=dict)
 
 
+def base_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              norm: Normalizer | None = None) -> LearnOutput:
+    """thought.mode=off: a plain causal-LM pass, the base next-token NLL alone with weight 1
+    (continued pretraining, the control that shows what the data alone gives). No thoughts, so
+    the stream-shaped outputs are empty (B, 0, ...)."""
+    B, n = input_ids.shape
+    base_valid = attention_mask.bool()
+    h = model.hidden(input_ids, Layout.base_only(base_valid, backend=cfg.attention_backend))   # (B, n, H)
+    base_logp = logprobs(model, h[:, :-1], input_ids[:, 1:], chunk=cfg.loss_chunk_tokens)    # (B, n-1)
+    base_mask = base_target_mask(base_valid)
+    n_base = norm.n_base if norm is not None else float(base_mask.sum())
+    base = -(base_logp * base_mask.to(base_logp.dtype)).sum() / max(n_base, 1.0)
+    zero = base.new_zeros(())
+    empty = base_logp.new_zeros(B, 0)
+    return LearnOutput(base, {"talk": zero, "base": base, "reinforce": zero}, empty[..., None].expand(B, 0, cfg.thought_len),
+                       empty[..., None].expand(B, 0, cfg.talk_len), empty[..., None].expand(B, 0, cfg.talk_len),
+                       base_logp, base_mask, empty.bool(), empty)
+
+
 def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                anchor: torch.Tensor, thoughts: torch.Tensor, rewards: torch.Tensor | None = None,
                norm: Normalizer | None = None, base_loss: bool = True) -> LearnOutput:

@@ -31,6 +31,9 @@ class Loaded:
     """The thought length the model was trained with (8 when unknown)."""
     source: str
     """What was loaded, in words (goes into result files)."""
+    filler_id: int | None = None
+    """The filler token when the model was trained with thought.mode=filler (its thoughts are
+    that token repeated, not sampled), else None."""
 
 
 def is_checkpoint(path: str) -> bool:
@@ -72,16 +75,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     """Load `spec` (see the module docstring) in eval mode on `device`."""
     from .hub import build_base
 
-    thought_len = 8
+    thought_len, filler_id = 8, None
     if os.path.isfile(os.path.join(spec, META_FILE)):
         model = QuietStarModel.from_pretrained(spec, dtype=dtype)
         tok = load_tokenizer(spec)
         with open(os.path.join(spec, META_FILE)) as f:
-            thought_len = json.load(f).get("thought_len", thought_len)
+            qs_meta = json.load(f)
+        thought_len, filler_id = qs_meta.get("thought_len", thought_len), qs_meta.get("filler_id")
         source = f"QuietStarModel directory {spec}"
     elif os.path.isdir(spec) and is_checkpoint(spec):
         model, tok, meta, path = model_from_checkpoint(spec)
         thought_len = meta["signature"].get("thought_len", thought_len)
+        filler_id = trained_filler_id(meta, tok)
         source = f"DeepSpeed checkpoint {path} (step {meta.get('step')})"
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, META)):
         raise FileNotFoundError(f"{spec} is an incomplete checkpoint (no {COMPLETE} marker)")
@@ -92,7 +97,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()
-    return Loaded(model, tok, torch.device(device), int(thought_len), source)
+    return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id)
+
+
+def trained_filler_id(meta: dict, tokenizer) -> int | None:
+    """The filler token of a checkpoint trained with thought.mode=filler, else None."""
+    thought = meta.get("config", {}).get("thought", {})
+    if thought.get("mode") != "filler":
+        return None
+    from .model import filler_token_id
+    return filler_token_id(tokenizer, thought.get("filler", "..."))
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:

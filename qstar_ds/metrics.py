@@ -74,8 +74,8 @@ class MetricsLogger:
                 self.wandb.finish()
 
 
-def progress(total: int, initial: int):
+def progress(total: int, initial: int, desc: str = "train", unit: str = "step"):
     """A tqdm bar on rank 0 (to stderr), a silent stand-in elsewhere."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not is_rank0(), file=sys.stderr,
-                dynamic_ncols=True, desc="train", unit="step")
+                dynamic_ncols=True, desc=desc, unit=unit, leave=desc == "train")

@@ -123,6 +123,16 @@ def add_thought_tokens(tokenizer) -> ThoughtTokens:
     return ThoughtTokens(int(ids[0]), int(ids[1]))
 
 
+def filler_token_id(tokenizer, text: str) -> int:
+    """The token that fills every thought slot in filler mode (thought.mode=filler): the first
+    token of `text`."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        from .config import ConfigError
+        raise ConfigError(f"thought.filler={text!r}: encodes to no tokens")
+    return ids[0]
+
+
 def _check_supported(base: nn.Module) -> None:
     cfg = base.config
     name = type(base).__name__
@@ -226,7 +236,7 @@ class QuietStarModel(nn.Module):
 
     def forward(self, *, mode: str = "learn", **kwargs) -> dict:
         """Entry point for a wrapping engine (DeepSpeed): mode "learn" runs learn.learn_pass,
-        "rollout" runs rollout.rollout, with `kwargs` as their arguments after `model`. Returns
+        "rollout" runs rollout.rollout, "base" learn.base_pass (thought.mode=off), with `kwargs` as their arguments after `model`. Returns
         the result's fields as a plain dict, the output type whose tensors DeepSpeed's ZeRO-3
         hooks can find (rebuild with LearnOutput(**d) / Rollout(**d))."""
         if mode == "learn":
@@ -235,7 +245,10 @@ class QuietStarModel(nn.Module):
         if mode == "rollout":
             from .rollout import rollout
             return dict(vars(rollout(self, **kwargs)))
-        raise ValueError(f"unknown mode {mode!r}; expected 'learn' or 'rollout'")
+        if mode == "base":
+            from .learn import base_pass
+            return dict(vars(base_pass(self, **kwargs)))
+        raise ValueError(f"unknown mode {mode!r}; expected 'learn', 'rollout' or 'base'")
 
     # ---- pieces used by rollout / learn -------------------------------------------------
     @property
@@ -291,17 +304,24 @@ class QuietStarModel(nn.Module):
         w = self.mixing_head(h_base, h_thought)
         return (1 - w)[..., None] * h_base + w[..., None] * h_thought, w
 
-    def parameter_groups(self, lr: float, weight_decay: float, thought_lr_mult: float) -> list[dict]:
-        """Optimizer groups: thought embeddings at lr * thought_lr_mult (no decay); norms and
-        biases without weight decay; the rest with it."""
-        decay, no_decay = [], []
+    def parameter_groups(self, lr: float, weight_decay: float, thought_lr_mult: float,
+                         mixing_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: thought embeddings at lr * thought_lr_mult (no decay); the mixing
+        head at lr * mixing_lr_mult; norms and biases without weight decay; the rest with it."""
+        mixing = {id(p) for p in self.mixing_head.parameters()}
+        groups: dict[str, list] = {"decay": [], "no_decay": [], "mixing_decay": [], "mixing_no_decay": []}
         for p in self.parameters():
             if not p.requires_grad or p is self.thought_embeds:
                 continue
-            (no_decay if len(shape_of(p)) < 2 else decay).append(p)
+            name = ("mixing_" if id(p) in mixing else "") + ("no_decay" if len(shape_of(p)) < 2 else "decay")
+            groups[name].append(p)
         return [
-            {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+            {"params": groups["decay"], "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+            {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+            {"params": groups["mixing_decay"], "lr": lr * mixing_lr_mult, "weight_decay": weight_decay,
+             "name": "mixing_decay"},
+            {"params": groups["mixing_no_decay"], "lr": lr * mixing_lr_mult, "weight_decay": 0.0,
+             "name": "mixing_no_decay"},
             {"params": [self.thought_embeds], "lr": lr * thought_lr_mult, "weight_decay": 0.0,
              "name": "thought_embeds"},
         ]

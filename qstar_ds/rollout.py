@@ -34,6 +34,8 @@ class Rollout:
     """(B, M) talk log-prob minus the mean over the r thoughts of the position (0 if invalid)."""
     valid: torch.Tensor
     """(B, M) bool: whether the stream's talk window lies inside the real tokens."""
+    base_logp: torch.Tensor | None = None
+    """(B, n-1) base log-probs of x_{i+1} (only with base_logprobs=True: held-out evaluation)."""
 
 
 def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
@@ -77,26 +79,31 @@ def new_cache():
 
 
 def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, Layout]:
+                    generator: torch.Generator | None, fixed: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, Layout]:
     """Feed <sot>, c_1 .. c_{t-1} to every stream of `layout` (streams attached, nothing of them
-    cached yet), one KV-cached step per token, sampling c_1 .. c_t. -> (thoughts (B, M, t), the
-    layout after the t steps)."""
+    cached yet), one KV-cached step per token, sampling c_1 .. c_t (or teacher-forcing `fixed`
+    (B, M, t), e.g. filler thoughts). -> (thoughts (B, M, t), the layout after the t steps)."""
     B, M = layout.anchor.shape
     tok = layout.anchor.new_full((B, M), model.sot_id)
     thoughts = []
     for s in range(cfg.thought_len):
         layout = layout.extend(s, 1)
         h = model.hidden(tok, layout, cache)                                   # (B, M, H)
-        tok = sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
+        tok = fixed[..., s] if fixed is not None else \
+            sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
         thoughts.append(tok)
     return torch.stack(thoughts, dim=-1), layout
 
 
 @torch.no_grad()
 def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            positions: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Rollout:
+            positions: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            base_logprobs: bool = False, thoughts: torch.Tensor | None = None) -> Rollout:
     """input_ids, attention_mask (B, n); positions (P,) base indices to think after (default:
-    all whose talk window fits). Returns thoughts and their talk log-probs and rewards."""
+    all whose talk window fits). Returns thoughts and their talk log-probs and rewards, and with
+    `base_logprobs` the base model's next-token log-probs from the same prefill. `thoughts`
+    (B, M, t): feed these instead of sampling (filler thoughts)."""
     B, n = input_ids.shape
     t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
     if positions is None:
@@ -112,7 +119,8 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     h_base = model.hidden(input_ids, layout, cache)                           # (B, n, H) prefill
     layout = layout.with_streams(anchor)
 
-    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator)  # (B, M, t)
+    fixed = thoughts
+    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed)  # (B, M, t)
 
     # c_t, <eot>, x_{i+1} .. x_{i+K-1}: stream tokens t .. t+K in one step.
     last = torch.cat([thoughts[..., -1:], input_ids.new_full((B, M, 1), model.eot_id),
@@ -122,4 +130,7 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     talk_logp, mix_w = talk_logprobs(model, h_base, h[:, :, 1:], input_ids, anchor, cfg.loss_chunk_tokens)
     valid = stream_validity(base_valid, anchor, K)
     rewards = compute_rewards(talk_logp.sum(-1), valid, r)
-    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid)
+    base_logp = None
+    if base_logprobs:
+        base_logp = model.token_logprobs(h_base[:, :-1], input_ids[:, 1:], 1.0, cfg.loss_chunk_tokens)
+    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid, base_logp)

@@ -18,6 +18,7 @@ One optimizer step, on every rank:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -26,21 +27,26 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .cli import to_yaml
-from .config import Config
+from .config import Config, ThoughtConfig
 from .cpu_memory import keep_freed_memory
-from .data import SequenceStream
+from .data import SequenceStream, first_sequences
 from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
                      plan_step, prepare_zero_init, resolve_dtype, zero_stage)
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
+from .heldout import flat_metrics, line as heldout_line, sequence_nll, summarize, token_scores, top_positions
 from .metrics import MetricsLogger, print0, progress
+from .report import REPORT_PAGE, write_report
+from .viewer import page_data, render
 from .attention import auto_note, resolve_backend
-from .model import QuietStarModel, randomize_mixing_head
+from .model import QuietStarModel, filler_token_id, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
 from .rollout import Rollout, default_positions
 
 TEMPLATE_DIR = "hf_template"
+VIEWER_PAGE = "thoughts.html"
+
 
 
 def peak_rss_gb() -> float:
@@ -107,9 +113,15 @@ class Trainer:
             ckpt.check_compatible(meta, self.signature, self.world, resume_path)
             ckpt.load(self.engine, resume_path)
             self.step, self.samples, data_state = meta["step"], meta["samples"], meta["data_state"]
-        d = cfg.data
+        d, e = cfg.data, cfg.eval
+        split = e.holdout_fraction if e.source is None else 0.0        # training never reads held-out text
         self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,
-                                     d.subset, d.seed, state=data_state)
+                                     d.subset, d.seed, state=data_state, holdout=split)
+        self.heldout = first_sequences(SequenceStream(self.tokenizer, e.source or d.source, d.seq_len, d.pack,
+                                                      d.split, d.text_field, d.subset, d.seed, holdout=split,
+                                                      heldout_side=True), e.sequences)   # (D, n) ids, mask
+        self.filler_id = filler_token_id(self.tokenizer, cfg.thought.filler)
+        self.last_eval: dict | None = None
         self.resumed_from = resume_path
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.train.wandb, cfg.train.wandb_project,
                                     config=dataclasses.asdict(cfg))
@@ -144,38 +156,60 @@ class Trainer:
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> thoughts (B, M, t), rewards (B, M), mixing weights (B, M, K): every sequence's
-        rollout, computed by its owner rank and all-gathered."""
+    def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> thoughts (B, M, t), rewards (B, M): every sequence's rollout, computed by its owner
+        rank and all-gathered."""
         B = x.shape[0]
         per_rank = -(-B // self.world)
         positions = default_positions(x.shape[1], self.cfg.thought.talk_len, self.device)
-        th, rw, mw = [], [], []
+        th, rw = [], []
         for j in range(per_rank):
             seq = min(self.rank * per_rank + j, B - 1)   # past the end: repeat, result dropped
             ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[seq:seq + 1],
                              attention_mask=am[seq:seq + 1], positions=positions,
                              generator=sequence_generator(self.cfg.train.seed, self.step, seq, self.device)))
-            th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float()); mw.append(ro.mix_w[0].float())
-        local = [torch.stack(v) for v in (th, rw, mw)]                          # (per_rank, ...)
-        if self.world == 1:
-            return tuple(v[:B] for v in local)
-        out = []
-        for v in local:
-            buf = [torch.empty_like(v) for _ in range(self.world)]
-            dist.all_gather(buf, v)
-            out.append(torch.cat(buf)[:B])
-        return tuple(out)
+            th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float())
+        local = [torch.stack(v) for v in (th, rw)]                              # (per_rank, ...)
+        return tuple(self._gather_rows(v)[:B] for v in local)
 
-    def train_step(self, x: torch.Tensor, am: torch.Tensor) -> dict:
+    def _gather_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's (rows, ...) tensor along dim 0 (rank order)."""
+        if self.world == 1:
+            return v
+        buf = [torch.empty_like(v) for _ in range(self.world)]
+        dist.all_gather(buf, v)
+        return torch.cat(buf)
+
+    def _thoughts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """thoughts (B, M, t) and rewards (B, M) of this step: sampled and scored (quiet_star), the
+        filler token everywhere with reward 0 (filler), or none (off)."""
+        B, n = x.shape
+        t, mode = self.cfg.thought.thought_len, self.cfg.thought.mode
+        if mode == "quiet_star":
+            return self._rollouts(x, am)
+        M = self.plan.n_streams
+        thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
+        return thoughts, torch.zeros(B, M, device=x.device)
+
+    def _learn(self, x, am, seq: int, a: int, b: int, anchor, thoughts, rewards, norm: Normalizer) -> LearnOutput:
+        """The learn micro-step of streams a..b of sequence `seq` (off mode: its base NLL)."""
+        one = dict(cfg=self.cfg.thought, input_ids=x[seq:seq + 1], attention_mask=am[seq:seq + 1], norm=norm)
+        if self.cfg.thought.mode == "off":
+            return LearnOutput(**self.engine(mode="base", **one))
+        return LearnOutput(**self.engine(mode="learn", anchor=anchor[seq:seq + 1, a:b],
+                                         thoughts=thoughts[seq:seq + 1, a:b], rewards=rewards[seq:seq + 1, a:b],
+                                         base_loss=(a == 0), **one))
+
+    def train_step(self, x: torch.Tensor, am: torch.Tensor) -> tuple[dict, tuple]:
         cfg, plan = self.cfg, self.plan
         x, am = x.to(self.device), am.to(self.device)
         B, n = x.shape
         t0 = time.perf_counter()
-        thoughts, rewards, mix_w = self._rollouts(x, am)
+        thoughts, rewards = self._thoughts(x, am)                                  # (B, M, t), (B, M)
         t_roll = time.perf_counter() - t0
         positions = default_positions(n, cfg.thought.talk_len, self.device)
         anchor = positions.repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)  # (B, M)
+        anchor = anchor[:, :plan.n_streams]                                        # off: no streams
         valid = stream_validity(am.bool(), anchor, cfg.thought.talk_len)                # (B, M)
         base_mask = base_target_mask(am.bool())
         norm = Normalizer(float(valid.sum()), float(base_mask.sum()))                    # global counts
@@ -184,29 +218,28 @@ class Trainer:
         mine = chunks[self.rank::self.world]
         weights = [1.0] * len(mine) + [0.0] * (plan.grad_accum - len(mine))
         mine = mine + [chunks[0]] * (plan.grad_accum - len(mine))
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)             # talk, base, reinforce, total
+        # talk, base, reinforce, total loss; sum and count of talk-step mixing weights
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         for (seq, a, b), w in zip(mine, weights):
-            out = LearnOutput(**self.engine(mode="learn", cfg=cfg.thought, input_ids=x[seq:seq + 1],
-                              attention_mask=am[seq:seq + 1], anchor=anchor[seq:seq + 1, a:b],
-                              thoughts=thoughts[seq:seq + 1, a:b], rewards=rewards[seq:seq + 1, a:b],
-                              norm=norm, base_loss=(a == 0)))
+            out = self._learn(x, am, seq, a, b, anchor, thoughts, rewards, norm)
             self.engine.backward(out.loss * (w * self.world), scale_wrt_gas=False)
             self.engine.step()
+            mw = out.mix_w.detach()[out.valid]
             sums += w * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
-                                     out.losses["reinforce"].detach(), out.loss.detach()]).double()
+                                     out.losses["reinforce"].detach(), out.loss.detach(),
+                                     mw.sum(), mw.new_tensor(float(mw.numel()))]).double()
         mem = torch.tensor([peak_rss_gb(), torch.cuda.max_memory_allocated() / 2**30
                             if self.device_type == "cuda" else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         dt = time.perf_counter() - t0
-        v = valid
-        r = rewards[v]
+        r = rewards[valid]
         gn = self.engine.get_global_grad_norm()
         return {"loss": sums[3].item(), "loss_talk": sums[0].item(), "loss_base": sums[1].item(),
                 "loss_reinforce": sums[2].item(), "reward_mean": r.mean().item() if r.numel() else 0.0,
                 "reward_pos_frac": (r > 0).float().mean().item() if r.numel() else 0.0,
-                "mix_w_mean": mix_w[v].mean().item() if r.numel() else 0.0,
+                "mix_w_mean": (sums[4] / sums[5]).item() if sums[5] > 0 else 0.0,
                 "grad_norm": float(gn) if gn is not None else float("nan"),
                 "lr": self.engine.get_lr()[0], "tokens_per_s": B * n / dt, "step_time_s": dt,
                 "rollout_time_s": t_roll, "peak_rss_gb": mem[0].item(), "peak_gpu_gb": mem[1].item()}, \
@@ -221,6 +254,114 @@ class Trainer:
                          "thought": self.tokenizer.decode(thoughts[0, m]), "reward": float(rewards[0, m])})
         return rows
 
+    # ---- held-out evaluation ------------------------------------------------------------------
+    def _eval_config(self) -> ThoughtConfig:
+        """The training thought settings with one thought per position at the evaluation temperature."""
+        return dataclasses.replace(self.cfg.thought, n_thoughts=1, temperature=self.cfg.eval.temperature,
+                                   top_k=0)
+
+    @torch.no_grad()
+    def evaluate(self, final: bool = False) -> dict:
+        """Score the held-out sequences (heldout.py), sharded over ranks: rank r takes sequences
+        r, r + W, ... in batches; every rank runs the same number of forwards (a short rank
+        repeats a sequence whose result is dropped). -> summary (also written to
+        output_dir/eval/step_XXXXXXXX.json, the viewer page and the report on rank 0)."""
+        ec, mode = self.cfg.eval, self.cfg.thought.mode
+        cfg = self._eval_config()
+        ids, mask = (v.to(self.device) for v in self.heldout)
+        D, n = ids.shape
+        mine = list(range(self.rank, D, self.world))
+        per_rank = -(-D // self.world)
+        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+        bs = max(1, ec.batch_size // self.world)
+        positions = default_positions(n, cfg.talk_len, self.device)
+        self.engine.eval()
+        parts: dict[str, list] = {}
+        bar = progress(-(-per_rank // bs), 0, desc="held-out eval", unit="batch")
+        for a in range(0, per_rank, bs):
+            rows = mine[a:a + bs]
+            x, am = ids[rows], mask[rows]
+            fixed = x.new_full((len(rows), positions.numel(), cfg.thought_len), self.filler_id) \
+                if mode == "filler" else None
+            ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
+                                       generator=sequence_generator(ec.seed, -1, rows[0], self.device),
+                                       base_logprobs=True, thoughts=fixed))
+            sc = token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w)
+            if mode == "off":             # no thoughts in this model: "with thoughts" is the model itself
+                sc.update(mixed=sc["base"], mixed_win=sc["base_win"], w=torch.zeros_like(sc["w"]))
+            sc["thoughts"] = ro.thoughts
+            for k, v in sc.items():
+                parts.setdefault(k, []).append(v)
+            bar.update(1)
+        bar.close()
+        self.engine.train()
+        local = {k: torch.cat(v) for k, v in parts.items()}                     # (per_rank, P)
+        order = torch.tensor([r * self.world + q for q in range(self.world) for r in range(per_rank)])
+        full = {k: self._gather_rows(v) for k, v in local.items()}              # rank-major
+        keep = order < D
+        inv = torch.empty_like(order[keep])
+        inv[order[keep]] = torch.arange(int(keep.sum()))
+        full = {k: v[keep.to(v.device)][inv.to(v.device)] for k, v in full.items()}  # (D, P), sequence order
+        m = summarize(full, cfg.talk_len)
+        m["talk_len"] = cfg.talk_len
+        m["temperature"] = cfg.temperature
+        if (final or ec.tasks_every_eval) and (ec.gsm8k or ec.csqa):
+            m.update(self._task_slices(cfg))
+        if self.rank == 0:
+            self._write_eval(m, full, ids.cpu(), positions.cpu())
+        self.last_eval = m
+        return m
+
+    def _task_slices(self, cfg: ThoughtConfig) -> dict:
+        """GSM8K/CSQA soft scores with and without thoughts on small slices (qstar_ds.evaluate).
+        Every rank scores every item: under ZeRO-3 all ranks must run the same forwards."""
+        from .evaluate import EvalSettings, run
+        from .tasks import load_items
+        ec = self.cfg.eval
+        tasks = [t for t, k in (("gsm8k", ec.gsm8k), ("csqa", ec.csqa)) if k]
+        items = {t: load_items(t, None, ec.task_data_dir, getattr(ec, t)) for t in tasks}
+        self.engine.eval()
+        res = run(self.model, self.tokenizer, cfg, tasks, [False, True], EvalSettings(batch_size=ec.batch_size),
+                  items, self.device, progress=self.rank == 0)
+        self.engine.train()
+        out = {}
+        for r in res["results"]:
+            key = f"{r['task']}_soft_{'thoughts' if r['thoughts'] else 'base'}"
+            out[key], out[key + "_ci95"] = r["soft"], list(r["soft_ci95"])
+        return out
+
+    def _write_eval(self, m: dict, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """eval/step_XXXXXXXX.json (summary, per-sequence NLLs, top positions), thoughts.html (the
+        viewer page of the first held-out sequence) and report.html."""
+        out_dir = self.cfg.train.output_dir
+        anchor = positions[None].expand(ids.shape[0], -1)
+        record = {"step": self.step, "mode": self.cfg.thought.mode, "summary": m,
+                  "sequence_nll_base": sequence_nll(full, False).tolist(),
+                  "sequence_nll_thoughts": sequence_nll(full, True).tolist(),
+                  "top": [] if self.cfg.thought.mode == "off" else
+                  top_positions({k: v.cpu() for k, v in full.items() if k != "thoughts"}, full["thoughts"].cpu(),
+                                ids, self.tokenizer, anchor=anchor)}
+        os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+        path = os.path.join(out_dir, "eval", f"step_{self.step:08d}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+        if self.cfg.thought.mode != "off":
+            self._write_viewer(full, ids, positions)
+
+    def _write_viewer(self, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        K, tok = self.cfg.thought.talk_len, self.tokenizer
+        pieces = [tok.decode([i]) for i in ids[0].tolist()]
+        streams = [{"position": int(positions[p]), "text": tok.decode(full["thoughts"][0, p].tolist()),
+                    "gain": float(full["mixed_win"][0, p] - full["base_win"][0, p]), "reward": 0.0,
+                    "w": float(full["w"][0, p])}
+                   for p in range(positions.numel()) if bool(full["valid"][0, p])]
+        meta = (f"step {self.step}, held-out sequence 0 ({self.cfg.thought.mode}); one thought of "
+                f"{self.cfg.thought.thought_len} tokens per position at temperature {self.cfg.eval.temperature}, "
+                f"gain over the next {K} tokens; rewards are not computed in evaluation (0)")
+        with open(os.path.join(self.cfg.train.output_dir, VIEWER_PAGE), "w") as f:
+            f.write(render(page_data(pieces, streams, K, 10, meta), f"step {self.step}"))
+
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -234,7 +375,23 @@ class Trainer:
             last = self._loop(cfg, bar, self.preempt)
         finally:
             bar.close()
+        if self.last_eval is not None and self.step == cfg.max_steps:
+            print0(self.result_lines())
         return last
+
+    def result_lines(self) -> str:
+        """What a finished run prints last: the held-out result and where to look."""
+        m, out = self.last_eval, self.cfg.train.output_dir
+        lo, hi = m["gain_ci95"]
+        txt = (f"qstar_ds: result ({self.cfg.thought.mode}, {self.step} steps): held-out NLL {m['nll_base']:.4f} "
+               f"nats/token without thoughts, {m['nll_mixed']:.4f} with; gain {m['gain']:+.4f} "
+               f"(95% CI {lo:+.4f}..{hi:+.4f}) over {m['sequences']} held-out sequences")
+        if "gain_hard10" in m:
+            txt += f", {m['gain_hard10']:+.4f} on the hardest 10% of tokens"
+        txt += f"\nqstar_ds: report {os.path.join(out, REPORT_PAGE)}"
+        if self.cfg.thought.mode != "off":
+            txt += f"; thought viewer {os.path.join(out, VIEWER_PAGE)}"
+        return txt
 
     def _loop(self, cfg, bar, preempt: Preemption) -> dict:
         last = {}
@@ -244,8 +401,16 @@ class Trainer:
             self.step += 1
             self.samples += cfg.batch_size
             last = metrics
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            evaluated = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+            if evaluated:
+                ev = self.evaluate(final=self.step == cfg.max_steps)
+                print0(heldout_line(self.step, ev))
+                self.logger.line(heldout_line(self.step, ev))
+                metrics = {**metrics, **flat_metrics(ev)}
+            if evaluated or self.step % cfg.log_every == 0:
                 self.logger.log(self.step, {"samples": self.samples, **metrics})
+            if evaluated and self.rank == 0:
+                write_report(cfg.output_dir)
             if cfg.thought_table_every and self.step % cfg.thought_table_every == 0 and self.rank == 0:
                 self.logger.log_thoughts(self.step, self._thought_rows(*sample))
             bar.update(1)

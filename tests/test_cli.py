@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from test_trainer import ROOT, SGD_JSON, launch
+from helpers import ROOT, SGD_JSON, launch
 
 TRAIN = os.path.join(ROOT, "qstar_ds", "train.py")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -222,6 +222,7 @@ def test_default_command_trains_smollm2(tmp_path):
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "model smollm2" in res.stdout and "ZeRO stage 3" in res.stdout
+    assert "qstar_ds: result (quiet_star, 2 steps): held-out NLL" in res.stdout   # the last lines: the result
     assert sorted(steps_logged(tmp_path / "out")) == [1, 2]
     assert (tmp_path / "out" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
 

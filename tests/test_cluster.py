@@ -14,7 +14,7 @@ import pytest
 from cluster import bring_up, free_ports, missing
 from conftest import ci
 from test_cli import steps_logged
-from test_trainer import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

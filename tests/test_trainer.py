@@ -10,11 +10,6 @@ checks clipping itself. float32 (DeepSpeed's ZeRO optimizer keeps float32 master
 Tolerance: per tensor, |ours - reference| <= 1e-3 * max|update| + 4 float32 ulps of the
 parameter's magnitude (p + update is rounded at ulp(p)).
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -27,42 +22,7 @@ from qstar_ds.model import QuietStarModel
 from qstar_ds.rollout import default_positions, rollout
 from qstar_ds.trainer import sequence_generator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
-SGD_JSON = {
-    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-    "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
-    "zero_allow_untested_optimizer": True,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-}
-COMMON = {"model.mixing_init_std": 0.1, "optim.lr": 0.05, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.decay": "constant",
-          "optim.grad_clip": 0.0, "train.max_steps": 2, "train.save_every": 0, "train.batch_size": 3}
-_port = [29700]
-
-
-def launch(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc <args> (CPU accelerator, gloo)."""
-    _port[0] += 1
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_port[0]}"] + args
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
-
-
-def run_worker(tmp_path, name: str, nproc: int, overrides: dict) -> dict:
-    ds = tmp_path / "sgd.json"
-    ds.write_text(json.dumps(SGD_JSON))
-    dump = tmp_path / f"{name}.pt"
-    args = [WORKER, str(dump), "--preset", "debug_cpu", "--ds_config", str(ds),
-            "--output_dir", str(tmp_path / name)]
-    for k, v in {**COMMON, **overrides}.items():
-        args += [f"--{k}", str(v)]
-    launch(args, nproc)
-    return torch.load(dump)
+from helpers import COMMON, assert_same_update, run_worker
 
 
 def reference_run(init: dict, overrides: dict) -> dict:
@@ -71,11 +31,12 @@ def reference_run(init: dict, overrides: dict) -> dict:
     base, tok = build_base(cfg.model.name, torch.float32, None, cfg.train.seed)
     model = QuietStarModel.from_base(base, tok)
     model.load_state_dict(init)
-    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult)
+    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
     opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     d = cfg.data
-    stream = SequenceStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed)
+    stream = SequenceStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed,
+                            holdout=cfg.eval.holdout_fraction)      # the trainer never reads the held-out split
     for step in range(cfg.train.max_steps):
         x, am = stream.next_batch(cfg.train.batch_size)
         pos = default_positions(x.shape[1], cfg.thought.talk_len)
@@ -92,18 +53,6 @@ def reference_run(init: dict, overrides: dict) -> dict:
         opt.step()
         sched.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, out
-
-
-def assert_same_update(init: dict, a: dict, b: dict, tol: float = 1e-3) -> None:
-    assert set(a) == set(b)
-    moved = 0
-    for k in a:
-        upd = (b[k] - init[k]).abs().max().item()
-        moved += upd > 0
-        err = (a[k] - b[k]).abs().max().item()
-        ulp = 4 * torch.finfo(b[k].dtype).eps * b[k].abs().max().item()
-        assert err <= tol * upd + ulp, f"{k}: differs by {err:.3g}, update {upd:.3g}"
-    assert moved == len(a), "every parameter must move, or the comparison proves nothing"
 
 
 def test_two_ranks_zero3_equal_one_process_reference(tmp_path):

@@ -20,11 +20,13 @@ import torch  # noqa: E402
 def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
     from qstar_ds.loading import model_from_checkpoint
 
+    from qstar_ds.loading import trained_filler_id
     model, tok, meta, _ = model_from_checkpoint(checkpoint)
     model.to(getattr(torch, dtype or "float32"))
     sig = meta["signature"]
+    filler = trained_filler_id(meta, tok)
     model.save_pretrained(out_dir, tokenizer=tok, extra={k: sig[k] for k in ("thought_len", "talk_len") if k in sig}
-                          | {"step": meta.get("step")})
+                          | {"step": meta.get("step")} | ({"filler_id": filler} if filler is not None else {}))
     return out_dir
 
 

@@ -1,0 +1,71 @@
+"""tools/experiment.py (three arms x seeds from one command, resumable) and the run report
+(qstar_ds/report.py), on the tiny debug preset."""
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+TOOL = os.path.join(ROOT, "tools", "experiment.py")
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable] + args, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    return res
+
+
+def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
+    out = tmp_path / "exp"
+    common = ["--out", str(out), "--preset", "debug_cpu", "--steps", "4", "--save_every", "2"]
+    # an interrupted arm: its run stopped at step 2 (what a kill after the step-2 checkpoint leaves)
+    partial = run([os.path.join(ROOT, "qstar_ds", "train.py"), "--preset", "debug_cpu", "--output_dir",
+                   str(out / "filler_s0"), "--max_steps", "2", "--thought.mode", "filler", "--train.seed", "0",
+                   "--data.seed", "0", "--train.save_every", "2"])
+    assert "finished at step 2" in partial.stdout
+    first = run([TOOL, *common, "--seeds", "0", "--arms", "off"])
+    assert "off seed 0: done earlier" not in first.stdout
+    res = run([TOOL, *common, "--seeds", "0,1"])
+    assert "off seed 0: done earlier" in res.stdout                      # finished arms are skipped
+    log = (out / "filler_s0" / "experiment_run.log").read_text()
+    assert "resumed from" in log and "(step 2)" in log                   # the interrupted one resumes
+    for arm in ("quiet_star", "filler", "off"):
+        for seed in (0, 1):
+            assert (out / f"{arm}_s{seed}" / "eval" / "step_00000004.json").exists()
+    lines = res.stdout
+    assert "quiet_star (with thoughts) - filler (best)" in lines and "quiet_star (with thoughts) - off (best)" in lines
+    assert "over 12 (seed, sequence) pairs" in lines                     # 6 held-out sequences x 2 seeds
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final"]) == {f"{a}_s{s}" for a in ("quiet_star", "filler", "off") for s in (0, 1)}
+    # arms of one seed are scored on the same held-out sequences; the plain model has no gain
+    assert summary["final"]["off_s0"]["gain"] == 0.0
+    assert summary["final"]["off_s0"]["nll_base"] != summary["final"]["off_s1"]["nll_base"]
+    assert (out / "experiment.png").stat().st_size > 10_000
+    # again: nothing left to run
+    again = run([TOOL, *common, "--seeds", "0,1"])
+    assert again.stdout.count("done earlier") == 6
+
+
+def test_report_regenerates_from_a_run(tmp_path):
+    out = tmp_path / "run"
+    res = run([os.path.join(ROOT, "qstar_ds", "train.py"), "--preset", "debug_cpu", "--output_dir", str(out),
+               "--max_steps", "4", "--train.eval_every", "2"])
+    assert "eval step 2: held-out NLL" in res.stdout and "eval step 4: held-out NLL" in res.stdout
+    tail = res.stdout.strip().splitlines()
+    assert any(ln.startswith("qstar_ds: result (quiet_star, 4 steps): held-out NLL") and "95% CI" in ln for ln in tail)
+    assert any(f"report {out}/report.html; thought viewer {out}/thoughts.html" in ln for ln in tail)
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "eval/gain" in rows[1] and "eval/gain" not in rows[2] and "eval/gain_by_decile_9" in rows[3]
+    os.remove(out / "report.html")
+    run(["-m", "qstar_ds.report", str(out)])
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3                    # training, held-out, deciles
+    for text in ("Held-out text", "Where thinking helped most", "href='thoughts.html'", "Last evaluation (step 4"):
+        assert text in page, text
+    assert (out / "thoughts.html").read_text().count('"thoughts"') > 0
+    bad = subprocess.run([sys.executable, "-m", "qstar_ds.report", str(tmp_path / "nothing")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("metrics.jsonl not found (not a run's output_dir?)")

@@ -1,0 +1,132 @@
+"""Held-out evaluation (qstar_ds/heldout.py): its numbers against the learn pass and against a
+brute-force computation, the data split it relies on, and the nll task of qstar_ds.evaluate."""
+import math
+
+import pytest
+import torch
+
+from qstar_ds.config import ThoughtConfig
+from qstar_ds.data import SequenceStream, is_heldout
+from qstar_ds.heldout import flat_metrics, sequence_nll, summarize, token_scores
+from qstar_ds.learn import learn_pass
+from qstar_ds.rollout import default_positions, rollout
+from qstar_ds.tiny import tiny_tokenizer
+
+from conftest import gen, make_model, random_batch
+
+
+def scores(model, cfg, x, am, seed=0):
+    pos = default_positions(x.shape[1], cfg.talk_len, x.device)
+    ro = rollout(model, cfg, x, am, pos, gen(seed), base_logprobs=True)
+    return ro, token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w)
+
+
+@pytest.mark.parametrize("talk_len", [1, 3])
+def test_eval_scores_equal_the_learn_pass_on_the_same_thoughts(talk_len):
+    """mixed (K = 1) and the K-token window equal the learn pass's talk log-probs for the same
+    thoughts, base equals its base log-probs, on every valid position (padded batch)."""
+    model, tok = make_model("llama")
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=talk_len, temperature=0.7)
+    x, am = random_batch(14, 2, len(tok) - 2, "both", seed=3)
+    ro, s = scores(model, cfg, x, am)
+    with torch.no_grad():
+        out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
+    v = s["valid"]
+    assert v.sum() > 10
+    torch.testing.assert_close(s["mixed"][v], out.talk_logp[..., 0][v].double(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(s["mixed_win"][v], out.talk_logp.sum(-1)[v].double(), rtol=0, atol=1e-10)
+    # base: log p(x_{i+1}) from the learn pass's base NLL at the anchor, masked targets excluded
+    base_at = out.base_logp.gather(1, ro.anchor)
+    torch.testing.assert_close(s["base"][v], base_at[v].double(), rtol=0, atol=1e-10)
+    assert (s["mixed"][v] - s["base"][v]).abs().max() > 1e-4, "a random mixing head must change predictions"
+
+
+def test_untrained_mixing_head_gives_exactly_zero_gain():
+    model, tok = make_model("llama", randomize=False)          # last mixing layer zero: w = 0
+    cfg = ThoughtConfig(thought_len=2, n_thoughts=1, talk_len=2, temperature=1.0)
+    x, am = random_batch(12, 3, len(tok) - 2, "right", seed=5)
+    _, s = scores(model, cfg, x, am)
+    v = s["valid"]
+    assert float((s["mixed"] - s["base"])[v].abs().max()) <= 1e-12
+    m = summarize(s, cfg.talk_len)
+    assert abs(m["gain"]) <= 1e-12 and abs(m["gain_win"]) <= 1e-12 and m["mix_w"] == 0.0
+
+
+def test_summarize_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    D, P, K = 7, 30, 3
+    base = -torch.rand(D, P, generator=g, dtype=torch.float64) * 5
+    mixed = base + torch.randn(D, P, generator=g, dtype=torch.float64) * 0.1 + 0.02
+    valid = torch.rand(D, P, generator=g) > 0.2
+    valid[3] = False                                  # a sequence without a scored token is dropped
+    s = {"base": base, "mixed": mixed, "base_win": base * K, "mixed_win": mixed * K,
+         "w": torch.full((D, P), 0.5, dtype=torch.float64), "valid": valid}
+    m = summarize(s, K)
+    # per sequence means, then mean and normal CI over sequences
+    per = [float((mixed[d] - base[d])[valid[d]].mean()) for d in range(D) if valid[d].any()]
+    mu = sum(per) / len(per)
+    sd = math.sqrt(sum((p - mu) ** 2 for p in per) / (len(per) - 1))
+    assert m["sequences"] == 6 and m["tokens"] == int(valid.sum())
+    assert m["gain"] == pytest.approx(mu, abs=1e-12)
+    assert m["gain_ci95"] == pytest.approx([mu - 1.96 * sd / math.sqrt(6), mu + 1.96 * sd / math.sqrt(6)], abs=1e-12)
+    assert m["gain_win"] == pytest.approx(mu, abs=1e-12)                # window sums / K
+    assert m["nll_base"] == pytest.approx(sum(float(-base[d][valid[d]].mean()) for d in range(D)
+                                              if valid[d].any()) / 6, abs=1e-12)
+    # deciles: sort every scored token by base NLL, cut into 10 equal groups
+    nll, gain = (-base)[valid], (mixed - base)[valid]
+    order = torch.argsort(nll)
+    groups = torch.tensor_split(order, 10)
+    for d, idx in enumerate(groups):
+        assert m["gain_by_decile"][d] == pytest.approx(float(gain[idx].mean()), abs=1e-12), d
+    assert m["gain_hard10"] == pytest.approx(float(gain[groups[-1]].mean()), abs=1e-12)
+    flat = flat_metrics(m)
+    assert flat["eval/gain_by_decile_9"] == m["gain_by_decile"][9]
+    assert flat["eval/gain_lo"] == m["gain_ci95"][0]
+    seq = sequence_nll(s, True)
+    assert float(seq[0]) == pytest.approx(float(-mixed[0][valid[0]].mean()))
+
+
+def test_heldout_split_is_disjoint_and_resumable():
+    """Training reads only training-side documents, evaluation only held-out ones (checked on the
+    decoded text of what each stream yields); about `fraction` of documents are held out; a
+    resumed training stream continues at the same sequence."""
+    from qstar_ds.data import arith_document
+    tok = tiny_tokenizer()
+    docs = [arith_document(0, i) for i in range(300)]
+    side = [is_heldout(d, 0.2, 0) for d in docs]
+    assert 0.12 < sum(side) / len(docs) < 0.28
+    for heldout_side in (False, True):
+        s = SequenceStream(tok, "arith", 64, holdout=0.2, heldout_side=heldout_side)
+        ids, _ = s.next_batch(40)
+        text = tok.decode(ids.flatten().tolist())
+        read = [d for d, h in zip(docs[:s.doc_index - 1], side) if d in text]
+        assert len(read) >= 5
+        assert all(is_heldout(d, 0.2, 0) == heldout_side for d in read)
+        other = [d for d, h in zip(docs[:s.doc_index], side) if h != heldout_side]
+        assert other and not any(d in text for d in other)
+    a = SequenceStream(tok, "arith", 16, holdout=0.2)
+    a.next_batch(3)
+    b = SequenceStream(tok, "arith", 16, holdout=0.2, state=a.state())
+    assert torch.equal(a.next_batch(4)[0], b.next_batch(4)[0])
+
+
+def test_evaluate_nll_task(tmp_path, capsys):
+    """python -m qstar_ds.evaluate --tasks nll: any text file, scored as the trainer scores held-out
+    text; one clear line for a missing or empty file."""
+    from qstar_ds.evaluate import main
+    from qstar_ds.data import arith_document
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join('{"text": "%s"}\n' % arith_document(7, i) for i in range(12)))
+    out = tmp_path / "r.json"
+    assert main(["--model", "tiny-llama", "--tasks", "nll", "--data", f"nll={text}", "--nll_seq_len", "24",
+                 "--nll_sequences", "5", "--talk_len", "2", "--output", str(out)]) == 0
+    import json
+    res = json.loads(out.read_text())["nll"]
+    assert res["sequences"] == 5 and res["tokens"] == 5 * (24 - 2) and res["gain"] == 0.0   # untrained head
+    assert "held-out NLL" in capsys.readouterr().out
+    assert main(["--model", "tiny-llama", "--tasks", "nll", "--output", str(out)]) == 2
+    assert "task nll needs its text: --data nll=FILE" in capsys.readouterr().err
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    assert main(["--model", "tiny-llama", "--tasks", "nll", "--data", f"nll={empty}", "--output", str(out)]) == 2
+    assert "task nll:" in capsys.readouterr().err

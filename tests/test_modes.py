@@ -1,0 +1,102 @@
+"""The baselines of the learning experiment in the real trainer (2-rank ZeRO-3 on CPU, SGD so
+that an update is the gradient, see test_trainer.py): thought.mode=off is a plain causal-LM step,
+thought.mode=filler feeds exactly the filler thoughts and equals the learn pass on them; the
+held-out evaluation does not depend on the number of ranks."""
+import json
+
+import pytest
+import torch
+
+from qstar_ds.cli import make_config
+from qstar_ds.data import SequenceStream
+from qstar_ds.engine import lr_lambda
+from qstar_ds.hub import build_base
+from qstar_ds.learn import learn_pass
+from qstar_ds.model import QuietStarModel, filler_token_id
+from qstar_ds.rollout import default_positions
+
+from helpers import COMMON, assert_same_update, run_worker
+
+
+def setup(overrides: dict, init: dict):
+    """(config, QuietStarModel loaded with `init`, tokenizer, the trainer's data stream)."""
+    cfg = make_config("debug_cpu", None, {**COMMON, **overrides})
+    base, tok = build_base(cfg.model.name, torch.float32, None, cfg.train.seed)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    model = QuietStarModel.from_base(base, tok)
+    model.load_state_dict(init)
+    d = cfg.data
+    stream = SequenceStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed,
+                            holdout=cfg.eval.holdout_fraction)
+    return cfg, model, tok, stream, vocab
+
+
+def test_off_mode_is_a_plain_causal_lm_step(tmp_path):
+    """thought.mode=off under 2-rank ZeRO-3 == the plain HF model (without the two marker rows)
+    trained with its own `labels=` loss and torch SGD; the thought parts do not move."""
+    two = run_worker(tmp_path, "off", 2, {"thought.mode": "off"})
+    cfg, model, tok, stream, vocab = setup({"thought.mode": "off"}, two["init"])
+    plain = model.base
+    plain.resize_token_embeddings(vocab)                    # drop <sot>/<eot>: an ordinary causal LM
+    assert plain.get_input_embeddings().weight.shape[0] == vocab
+    opt = torch.optim.SGD(plain.parameters(), lr=cfg.optim.lr)
+    for _ in range(cfg.train.max_steps):
+        x, _ = stream.next_batch(cfg.train.batch_size)
+        opt.zero_grad()
+        plain(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    ref = {"base." + k: v.detach() for k, v in plain.named_parameters()}
+    init = {k: v for k, v in two["init"].items() if k in ref}
+    ours = {k: v[:ref[k].shape[0]] if v.shape != ref[k].shape else v for k, v in two["final"].items() if k in ref}
+    init = {k: v[:ref[k].shape[0]] if v.shape != ref[k].shape else v for k, v in init.items()}
+    assert_same_update(init, ours, ref)
+    for k, v in two["final"].items():
+        if k.startswith(("mixing_head.", "thought_embedding.")):
+            assert torch.equal(v, two["init"][k]), f"{k} moved in off mode"
+    assert two["metrics"]["loss_talk"] == 0 and two["metrics"]["loss_reinforce"] == 0
+
+
+def test_filler_mode_feeds_the_filler_and_equals_the_learn_pass_on_it(tmp_path):
+    over = {"thought.mode": "filler", "thought.filler": " ..."}
+    two = run_worker(tmp_path, "filler", 2, over)
+    cfg, model, tok, stream, _ = setup(over, two["init"])
+    filler = filler_token_id(tok, " ...")
+    t, L, n = cfg.thought.thought_len, cfg.thought.stream_len, cfg.data.seq_len
+    learn_calls = [ids for ids in two["fed"] if ids.shape[-1] > n]
+    assert learn_calls, "no learn micro-step was recorded"
+    for ids in learn_calls:
+        streams = ids[0, n:].view(-1, L)                                    # (streams, L)
+        assert (streams[:, 0] == model.sot_id).all() and (streams[:, t + 1] == model.eot_id).all()
+        bad = (streams[:, 1:t + 1] != filler).nonzero()
+        assert bad.numel() == 0, f"non-filler thought tokens at (stream, slot) {bad[:5].tolist()}"
+    # the same two steps, one process, no DeepSpeed: the learn pass on filler thoughts, reward 0
+    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
+    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    for _ in range(cfg.train.max_steps):
+        x, am = stream.next_batch(cfg.train.batch_size)
+        B = x.shape[0]
+        anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)
+        thoughts = torch.full((*anchor.shape, t), filler)
+        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=torch.zeros(anchor.shape))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+    ref = {k: v.detach() for k, v in model.named_parameters()}
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss_reinforce"] == 0
+
+
+def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):
+    """Filler mode (no sampling): 1 and 2 ranks score the same held-out sequences in the same order
+    (7 sequences: the ranks hold 4 and 3, one repeat dropped)."""
+    over = {"thought.mode": "filler", "eval.sequences": 7, "eval.batch_size": 4}
+    one = run_worker(tmp_path, "one", 1, over)
+    two = run_worker(tmp_path, "two", 2, over)
+    for key in ("nll_base", "nll_mixed", "gain", "gain_win", "gain_hard10", "mix_w"):
+        assert two["eval"][key] == pytest.approx(one["eval"][key], rel=1e-5, abs=1e-7), key
+    assert two["eval"]["sequences"] == one["eval"]["sequences"] == 7
+    rec = [json.loads((tmp_path / name / "eval" / "step_00000002.json").read_text()) for name in ("one", "two")]
+    assert rec[1]["sequence_nll_thoughts"] == pytest.approx(rec[0]["sequence_nll_thoughts"], rel=1e-5)
+    assert rec[0]["summary"]["gain"] != 0, "a random mixing head must give a non-zero gain"

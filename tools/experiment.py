@@ -1,0 +1,214 @@
+"""Does it learn? Quiet-STaR against its two controls, same data, steps and optimizer, >= 2 seeds.
+
+    python tools/experiment.py --out runs/exp --preset smollm2 --steps 40 --seeds 0,1 \\
+        [--arms quiet_star,filler,off] [--launch "torchrun --nproc_per_node 8"] [-- TRAIN.PY OVERRIDES]
+
+For each seed s and arm a, runs `qstar_ds/train.py --preset P --thought.mode a --train.seed s
+--data.seed s --max_steps N --output_dir OUT/a_s<s>` (the overrides after `--` go to every run),
+one run after the other. Arms of one seed read the same training documents in the same order and
+are evaluated on the same held-out sequences (the trainer's final evaluation: held-out split of
+the training source, or eval.source); seeds change the data (data.seed) and the sampling.
+
+Interrupted? Run the same command again: finished runs (their final eval file exists) are
+skipped, an unfinished one resumes from its newest checkpoint (--save_every, default 10 steps).
+
+Prints a table (per arm: held-out NLL without / with thoughts, the gain with its 95% CI, the gain
+on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
+comparisons that decide the question: quiet_star's NLL with thoughts minus each control's best
+prediction (filler: with its filler thoughts; off: the plain model), per held-out sequence, with
+a 95% CI over all (seed, sequence) pairs and per seed. Writes OUT/summary.json and one combined
+plot, OUT/experiment.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ARMS = ("quiet_star", "filler", "off")
+
+
+def final_eval(run_dir: str, steps: int) -> dict | None:
+    path = os.path.join(run_dir, "eval", f"step_{steps:08d}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
+    out = os.path.join(args.out, f"{arm}_s{seed}")
+    done = final_eval(out, args.steps)
+    if done is not None:
+        print(f"[experiment] {arm} seed {seed}: done earlier ({out})", flush=True)
+        return done
+    launch = [sys.executable] if args.launch == "python" else shlex.split(args.launch)
+    cmd = launch + [os.path.join(ROOT, "qstar_ds", "train.py"), "--preset", args.preset,
+                    "--output_dir", out, "--max_steps", str(args.steps), "--resume", "auto",
+                    "--thought.mode", arm, "--train.seed", str(seed), "--data.seed", str(seed),
+                    "--train.save_every", str(args.save_every)] + extra
+    print(f"[experiment] {arm} seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "experiment_run.log"), "a") as log:
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"[experiment] {arm} seed {seed} failed (exit {res.returncode}); see "
+                         f"{os.path.join(out, 'experiment_run.log')}; rerun the same command to resume")
+    ev = final_eval(out, args.steps)
+    if ev is None:
+        raise SystemExit(f"[experiment] {arm} seed {seed}: finished without {out}/eval/step_{args.steps:08d}.json")
+    with open(os.path.join(out, "experiment_time.json"), "w") as f:
+        json.dump({"seconds": time.time() - t0}, f)
+    print(f"[experiment] {arm} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    return ev
+
+
+def best_nll(ev: dict) -> list[float]:
+    """Each held-out sequence's NLL of the arm's own best prediction: with thoughts (the plain
+    model's in off mode, where both are equal)."""
+    return ev["sequence_nll_thoughts"]
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, m, m
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    h = 1.96 * sd / math.sqrt(n)
+    return m, m - h, m + h
+
+
+def compare(evs: dict, arms: list[str], seeds: list[int]) -> dict:
+    """quiet_star's NLL with thoughts minus each control's, paired by held-out sequence."""
+    out = {}
+    if "quiet_star" not in arms:
+        return out
+    for ctrl in [a for a in arms if a != "quiet_star"]:
+        pooled, per_seed = [], {}
+        for s in seeds:
+            q, c = best_nll(evs[("quiet_star", s)]), best_nll(evs[(ctrl, s)])
+            if len(q) != len(c):
+                raise SystemExit(f"[experiment] seed {s}: quiet_star and {ctrl} were evaluated on different "
+                                 f"held-out sets ({len(q)} vs {len(c)} sequences)")
+            d = [a - b for a, b in zip(q, c)]
+            per_seed[s] = mean_ci(d)
+            pooled += d
+        out[ctrl] = {"pooled": mean_ci(pooled), "per_seed": per_seed, "n": len(pooled)}
+    return out
+
+
+def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict) -> str:
+    head = (f"{'arm':<11} {'seed':>4}  {'NLL base':>9} {'NLL w/ th':>9}  {'gain':>8} {'95% CI':>19}  "
+            f"{'hard10':>8}  {'w':>7}  {'tasks (soft, base -> thoughts)'}")
+    lines = [head, "-" * len(head)]
+    for a in arms:
+        for s in seeds:
+            m = evs[(a, s)]["summary"]
+            lo, hi = m["gain_ci95"]
+            tasks = " ".join(f"{t} {100 * m[t + '_soft_base']:.1f}->{100 * m[t + '_soft_thoughts']:.1f}%"
+                             for t in ("gsm8k", "csqa") if t + "_soft_base" in m)
+            lines.append(f"{a:<11} {s:>4}  {m['nll_base']:9.4f} {m['nll_mixed']:9.4f}  {m['gain']:+8.4f} "
+                         f"[{lo:+.4f}, {hi:+.4f}]  {m.get('gain_hard10', float('nan')):+8.4f}  {m['mix_w']:7.4f}  {tasks}")
+    lines.append("")
+    for ctrl, c in cmp.items():
+        m, lo, hi = c["pooled"]
+        verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
+        seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
+        lines.append(f"quiet_star (with thoughts) - {ctrl} (best): {m:+.4f} nats/token, 95% CI [{lo:+.4f}, {hi:+.4f}] "
+                     f"over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
+    return "\n".join(lines)
+
+
+def plot(args, arms: list[str], seeds: list[int], evs: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qstar_ds.report import read_metrics
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, arm in enumerate(arms):
+        for s in seeds:
+            rows = [r for r in read_metrics(os.path.join(args.out, f"{arm}_s{s}")) if "eval/nll_mixed" in r]
+            a.plot([r["step"] for r in rows], [r["eval/nll_mixed"] for r in rows], "o-", color=f"C{i}", lw=1,
+                   label=arm if s == seeds[0] else None, alpha=0.8)
+            tr = read_metrics(os.path.join(args.out, f"{arm}_s{s}"))
+            b.plot([r["step"] for r in tr], [r["loss_base"] for r in tr], color=f"C{i}", lw=0.8,
+                   label=arm if s == seeds[0] else None, alpha=0.7)
+    a.set_title("held-out NLL with thoughts (off: plain model)", fontsize=10)
+    a.set_xlabel("step"); a.legend(fontsize=8)
+    b.set_title("train base NLL", fontsize=10)
+    b.set_xlabel("step"); b.legend(fontsize=8)
+    xs, ys, errs, labels = [], [], [], []
+    for i, arm in enumerate(arms):
+        pooled = [x for s in seeds for x in best_nll(evs[(arm, s)])]
+        m, lo, hi = mean_ci(pooled)
+        xs.append(i); ys.append(m); errs.append(hi - m); labels.append(arm)
+    c.bar(xs, ys, yerr=errs, color=[f"C{i}" for i in xs], capsize=4)
+    c.set_xticks(xs, labels)
+    lo_y = min(ys) - 3 * max(errs + [1e-3])
+    c.set_ylim(max(0.0, lo_y), max(ys) + 3 * max(errs + [1e-3]))
+    c.set_title(f"final held-out NLL, best prediction ({len(seeds)} seeds, 95% CI)", fontsize=10)
+    fig.suptitle(f"{args.preset}, {args.steps} steps: {args.out}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder of the experiment (one sub-folder per arm and seed)")
+    ap.add_argument("--preset", default="smollm2")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--save_every", type=int, default=10)
+    ap.add_argument("--launch", default="python", help='"python" (one process) or a launcher prefix, e.g. '
+                                                       '"torchrun --nproc_per_node 8"')
+    args = ap.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        bad.append(f"--seeds={args.seeds!r}")
+        seeds = []
+    if bad or not arms or not seeds or args.steps < 1:
+        print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS}",
+              file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    evs = {(a, s): run_one(args, a, s, extra) for s in seeds for a in arms}
+    cmp = compare(evs, arms, seeds)
+    text = table(evs, arms, seeds, cmp)
+    print(text)
+    png = os.path.join(args.out, "experiment.png")
+    plot(args, arms, seeds, evs, png)
+    secs = {f"{a}_s{s}": json.load(open(p))["seconds"] for a in arms for s in seeds
+            if os.path.isfile(p := os.path.join(args.out, f"{a}_s{s}", "experiment_time.json"))}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"preset": args.preset, "steps": args.steps, "seeds": seeds, "arms": arms, "overrides": extra,
+                   "final": {f"{a}_s{s}": evs[(a, s)]["summary"] for a in arms for s in seeds},
+                   "compare": {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
+                                   "n": v["n"]} for k, v in cmp.items()},
+                   "seconds": secs, "table": text}, f, indent=1)
+    print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
