@@ -38,6 +38,7 @@ from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
 from .heldout import line as heldout_line, summarize, token_scores
 from .layout import Layout
+from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
@@ -293,7 +294,7 @@ def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[b
     """Evaluate every (task, thoughts) pair on the same items; rows sharded item-wise over ranks."""
     from tqdm import tqdm
     results, per_item = [], {}
-    vocab = model.lm_head.weight.shape[0]
+    vocab = shape_of(model.lm_head.weight)[0]          # the full size, also when ZeRO-3 partitioned it
     for task in tasks:
         toks = answer_tokens(tokenizer, task, vocab)
         mine = items_by_task[task][rank::world]

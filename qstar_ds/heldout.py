@@ -99,8 +99,9 @@ def sequence_nll(s: dict[str, torch.Tensor], with_thoughts: bool) -> torch.Tenso
 
 
 def top_positions(s: dict[str, torch.Tensor], thoughts: torch.Tensor, ids: torch.Tensor, tokenizer,
-                  k: int = 8, context: int = 12, anchor: torch.Tensor | None = None) -> list[dict]:
-    """The k positions where the thought raised the next token's log-prob most, with context."""
+                  k: int = 8, context: int = 12, anchor: torch.Tensor | None = None, following: int = 4) -> list[dict]:
+    """The k positions where the thought raised the next token's log-prob most, with `context`
+    tokens before and the `following` true tokens after (the first one is the scored one)."""
     gain = (s["mixed"] - s["base"]).masked_fill(~s["valid"].bool(), float("-inf"))
     flat = gain.flatten()
     P = gain.shape[1]
@@ -110,7 +111,7 @@ def top_positions(s: dict[str, torch.Tensor], thoughts: torch.Tensor, ids: torch
         i = int(anchor[d, p]) if anchor is not None else p
         rows.append({"sequence": d, "position": i, "gain": float(flat[f]),
                      "context": tokenizer.decode(ids[d, max(0, i - context):i + 1].tolist()),
-                     "next": tokenizer.decode(ids[d, i + 1:i + 2].tolist()),
+                     "next": tokenizer.decode(ids[d, i + 1:i + 1 + following].tolist()),
                      "thought": tokenizer.decode(thoughts[d, p].tolist())})
     return rows
 

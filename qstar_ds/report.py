@@ -155,7 +155,7 @@ def render(output_dir: str) -> str:
                             f"<td>{html.escape(r['next'])}</td><td>&#10216;{html.escape(r['thought'])}&#10217;</td>"
                             f"<td>{r['gain']:+.3f}</td></tr>" for r in ev["top"])
             parts.append("<h3>Where thinking helped most (held-out)</h3><table><tr><th>seq:pos</th><th>context</th>"
-                         f"<th>next</th><th>thought</th><th>gain</th></tr>{cells}</table>")
+                         f"<th>next tokens (the first is scored)</th><th>thought</th><th>gain</th></tr>{cells}</table>")
         if os.path.exists(os.path.join(output_dir, "thoughts.html")):
             parts.append("<p><a href='thoughts.html'>Thought viewer: every position of a held-out sequence</a></p>")
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}img{max-width:100%}"

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .cli import to_yaml
-from .config import Config, ThoughtConfig
+from .config import Config, ConfigError, ThoughtConfig
 from .cpu_memory import keep_freed_memory
 from .data import SequenceStream, first_sequences
 from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
@@ -121,6 +121,7 @@ class Trainer:
                                                       d.split, d.text_field, d.subset, d.seed, holdout=split,
                                                       heldout_side=True), e.sequences)   # (D, n) ids, mask
         self.filler_id = filler_token_id(self.tokenizer, cfg.thought.filler)
+        self.task_items = self._load_task_items()     # GSM8K/CSQA slices: a bad path fails now, not at the end
         self.last_eval: dict | None = None
         self.resumed_from = resume_path
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.train.wandb, cfg.train.wandb_project,
@@ -312,17 +313,22 @@ class Trainer:
         self.last_eval = m
         return m
 
+    def _load_task_items(self) -> dict:
+        from .tasks import TaskError, load_items
+        ec = self.cfg.eval
+        try:
+            return {t: load_items(t, None, ec.task_data_dir, k) for t, k in (("gsm8k", ec.gsm8k), ("csqa", ec.csqa)) if k}
+        except TaskError as e:
+            raise ConfigError(f"eval.{'gsm8k' if 'gsm8k' in str(e) else 'csqa'}: {e}") from None
+
     def _task_slices(self, cfg: ThoughtConfig) -> dict:
         """GSM8K/CSQA soft scores with and without thoughts on small slices (qstar_ds.evaluate).
         Every rank scores every item: under ZeRO-3 all ranks must run the same forwards."""
         from .evaluate import EvalSettings, run
-        from .tasks import load_items
-        ec = self.cfg.eval
-        tasks = [t for t, k in (("gsm8k", ec.gsm8k), ("csqa", ec.csqa)) if k]
-        items = {t: load_items(t, None, ec.task_data_dir, getattr(ec, t)) for t in tasks}
         self.engine.eval()
-        res = run(self.model, self.tokenizer, cfg, tasks, [False, True], EvalSettings(batch_size=ec.batch_size),
-                  items, self.device, progress=self.rank == 0)
+        res = run(self.model, self.tokenizer, cfg, list(self.task_items), [False, True],
+                  EvalSettings(batch_size=self.cfg.eval.batch_size), self.task_items, self.device,
+                  progress=self.rank == 0)
         self.engine.train()
         out = {}
         for r in res["results"]:
@@ -340,7 +346,7 @@ class Trainer:
                   "sequence_nll_thoughts": sequence_nll(full, True).tolist(),
                   "top": [] if self.cfg.thought.mode == "off" else
                   top_positions({k: v.cpu() for k, v in full.items() if k != "thoughts"}, full["thoughts"].cpu(),
-                                ids, self.tokenizer, anchor=anchor)}
+                                ids, self.tokenizer, anchor=anchor, following=self.cfg.thought.talk_len)}
         os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
         path = os.path.join(out_dir, "eval", f"step_{self.step:08d}.json")
         with open(path + ".tmp", "w") as f:

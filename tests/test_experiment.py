@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from conftest import shared_file
 from helpers import ROOT
 
 TOOL = os.path.join(ROOT, "tools", "experiment.py")
@@ -49,9 +50,11 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
 
 
 def test_report_regenerates_from_a_run(tmp_path):
+    data_dir = os.path.dirname(os.path.dirname(shared_file("commonsenseqa/dev_tiny.jsonl")))
     out = tmp_path / "run"
     res = run([os.path.join(ROOT, "qstar_ds", "train.py"), "--preset", "debug_cpu", "--output_dir", str(out),
-               "--max_steps", "4", "--train.eval_every", "2"])
+               "--max_steps", "4", "--train.eval_every", "2", "--eval.gsm8k", "2", "--eval.csqa", "3",
+               "--eval.task_data_dir", data_dir])
     assert "eval step 2: held-out NLL" in res.stdout and "eval step 4: held-out NLL" in res.stdout
     tail = res.stdout.strip().splitlines()
     assert any(ln.startswith("qstar_ds: result (quiet_star, 4 steps): held-out NLL") and "95% CI" in ln for ln in tail)
@@ -59,11 +62,16 @@ def test_report_regenerates_from_a_run(tmp_path):
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "eval/gain" in rows[1] and "eval/gain" not in rows[2] and "eval/gain_by_decile_9" in rows[3]
+    # the GSM8K/CSQA slices are scored at the end only (eval.tasks_every_eval=false), with and without thoughts
+    assert "eval/csqa_soft_base" not in rows[1]
+    for key in ("eval/gsm8k_soft_base", "eval/gsm8k_soft_thoughts", "eval/csqa_soft_base", "eval/csqa_soft_thoughts"):
+        assert 0 < rows[3][key] < 1, key
     os.remove(out / "report.html")
     run(["-m", "qstar_ds.report", str(out)])
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3                    # training, held-out, deciles
-    for text in ("Held-out text", "Where thinking helped most", "href='thoughts.html'", "Last evaluation (step 4"):
+    for text in ("Held-out text", "Where thinking helped most", "href='thoughts.html'", "Last evaluation (step 4",
+                 "csqa soft score:"):
         assert text in page, text
     assert (out / "thoughts.html").read_text().count('"thoughts"') > 0
     bad = subprocess.run([sys.executable, "-m", "qstar_ds.report", str(tmp_path / "nothing")], capture_output=True,
