@@ -20,6 +20,7 @@ def _require(cond: bool, key: str, value, why: str) -> None:
 
 
 MODES = ("quiet_star", "filler", "off")
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -86,13 +87,16 @@ class ThoughtConfig:
                  self.n_thoughts, "must be an integer >= 1")
         _require(isinstance(self.talk_len, int) and self.talk_len >= 1, "talk_len",
                  self.talk_len, "must be an integer >= 1")
-        _require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _require(math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE, "temperature",
+                 self.temperature, f"must be a finite number >= {MIN_TEMPERATURE} (logits / temperature must stay finite)")
         _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
                  "must be an integer >= 0 (0 = off)")
-        _require(self.reinforce_temperature is None or self.reinforce_temperature > 0,
-                 "reinforce_temperature", self.reinforce_temperature, "must be > 0 or None")
+        _require(self.reinforce_temperature is None or (math.isfinite(self.reinforce_temperature)
+                                                        and self.reinforce_temperature >= MIN_TEMPERATURE),
+                 "reinforce_temperature", self.reinforce_temperature, f"must be a finite number >= {MIN_TEMPERATURE} or None")
         for key in ("w_talk", "w_base", "beta", "thought_lr_mult", "mixing_lr_mult"):
-            _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+            v = getattr(self, key)
+            _require(math.isfinite(v) and v >= 0, key, v, "must be a finite number >= 0")
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
@@ -189,12 +193,18 @@ class OptimConfig:
     """Global gradient-norm clipping (0 = off)."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "must be a finite number > 0")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 self.weight_decay, "must be a finite number >= 0")
+        _require(math.isfinite(self.eps) and self.eps > 0, "optim.eps", self.eps, "must be a finite number > 0")
+        _require(all(math.isfinite(b) and 0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                 "each must lie in [0, 1)")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.decay in ("cosine", "linear", "constant"), "optim.decay", self.decay,
                  "must be cosine, linear or constant")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
+                 "must be a finite number >= 0")
 
 
 @dataclass
@@ -277,8 +287,8 @@ class EvalConfig:
         for key in ("gsm8k", "csqa"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 0, f"eval.{key}", v, "must be an integer >= 0")
-        _require(math.isfinite(self.temperature) and self.temperature > 0, "eval.temperature",
-                 self.temperature, "must be a finite number > 0")
+        _require(math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE, "eval.temperature",
+                 self.temperature, f"must be a finite number >= {MIN_TEMPERATURE}")
 
 
 @dataclass

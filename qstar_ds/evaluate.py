@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nll {nll_file}: {nll['nll_base']:.4f} nats/token without thoughts over {nll['sequences']} "
                       f"sequences ({nll['tokens']} tokens)")
             else:
-                print(f"nll {nll_file}: " + heldout_line(0, nll).removeprefix("eval step 0: "))
+                print(heldout_line(f"nll {nll_file}:", nll))
         print(f"results: {args.output}")
     if world > 1:
         import torch.distributed as dist

@@ -29,16 +29,19 @@ import torch
 Z95 = 1.96
 
 
-def token_scores(base_logp: torch.Tensor, talk_logp: torch.Tensor, anchor: torch.Tensor,
-                 valid: torch.Tensor, mix_w: torch.Tensor) -> dict[str, torch.Tensor]:
+def token_scores(base_logp: torch.Tensor, talk_logp: torch.Tensor | None, anchor: torch.Tensor,
+                 valid: torch.Tensor, mix_w: torch.Tensor | None, talk_len: int | None = None) -> dict[str, torch.Tensor]:
     """From one rollout with one thought per position: base_logp (B, n-1) base log-probs of
     x_{i+1}; talk_logp (B, P, K) mixed log-probs of x_{i+1..i+K}; anchor (B, P); valid (B, P);
     mix_w (B, P, K). -> per position (B, P): base, mixed (next token), base_win, mixed_win
-    (K-token window, summed), w (mixing weight of talk step 1), valid."""
-    K = talk_logp.shape[-1]
+    (K-token window, summed), w (mixing weight of talk step 1), valid. A model without thoughts
+    (talk_logp and mix_w None, talk_len given): "mixed" is the base prediction, w = 0."""
+    K = talk_logp.shape[-1] if talk_logp is not None else talk_len
     n1 = base_logp.shape[1]
     idx = (anchor[..., None] + torch.arange(K, device=anchor.device)).clamp(max=n1 - 1)   # (B, P, K)
     base_k = base_logp.gather(1, idx.flatten(1)).view(idx.shape)                          # (B, P, K)
+    if talk_logp is None:
+        talk_logp, mix_w = base_k, torch.zeros_like(base_k)
     return {"base": base_k[..., 0].double(), "mixed": talk_logp[..., 0].double(),
             "base_win": base_k.sum(-1).double(), "mixed_win": talk_logp.sum(-1).double(),
             "w": mix_w[..., 0].double(), "valid": valid}
@@ -116,10 +119,10 @@ def top_positions(s: dict[str, torch.Tensor], thoughts: torch.Tensor, ids: torch
     return rows
 
 
-def line(step: int, m: dict) -> str:
-    """One line per evaluation."""
+def line(prefix: str, m: dict) -> str:
+    """One line per evaluation: `prefix` and the summary `m`."""
     lo, hi = m["gain_ci95"]
-    txt = (f"eval step {step}: held-out NLL {m['nll_base']:.4f} without thoughts, {m['nll_mixed']:.4f} with; "
+    txt = (f"{prefix} held-out NLL {m['nll_base']:.4f} without thoughts, {m['nll_mixed']:.4f} with; "
            f"gain {m['gain']:+.4f} nats/token (95% CI {lo:+.4f}..{hi:+.4f}, {m['sequences']} sequences, "
            f"{m['tokens']} tokens)")
     if "gain_hard10" in m:

@@ -282,15 +282,20 @@ class Trainer:
         for a in range(0, per_rank, bs):
             rows = mine[a:a + bs]
             x, am = ids[rows], mask[rows]
-            fixed = x.new_full((len(rows), positions.numel(), cfg.thought_len), self.filler_id) \
-                if mode == "filler" else None
-            ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
-                                       generator=sequence_generator(ec.seed, -1, rows[0], self.device),
-                                       base_logprobs=True, thoughts=fixed))
-            sc = token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w)
             if mode == "off":             # no thoughts in this model: "with thoughts" is the model itself
-                sc.update(mixed=sc["base"], mixed_win=sc["base_win"], w=torch.zeros_like(sc["w"]))
-            sc["thoughts"] = ro.thoughts
+                base_logp = LearnOutput(**self.engine(mode="base", cfg=cfg, input_ids=x, attention_mask=am)).base_logp
+                anchor = positions[None].expand(len(rows), -1)
+                sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
+                                  cfg.talk_len)
+                sc["thoughts"] = x.new_zeros(*anchor.shape, cfg.thought_len)
+            else:
+                fixed = x.new_full((len(rows), positions.numel(), cfg.thought_len), self.filler_id) \
+                    if mode == "filler" else None
+                ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
+                                           generator=sequence_generator(ec.seed, -1, rows[0], self.device),
+                                           base_logprobs=True, thoughts=fixed))
+                sc = token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w)
+                sc["thoughts"] = ro.thoughts
             for k, v in sc.items():
                 parts.setdefault(k, []).append(v)
             bar.update(1)
@@ -387,13 +392,8 @@ class Trainer:
 
     def result_lines(self) -> str:
         """What a finished run prints last: the held-out result and where to look."""
-        m, out = self.last_eval, self.cfg.train.output_dir
-        lo, hi = m["gain_ci95"]
-        txt = (f"qstar_ds: result ({self.cfg.thought.mode}, {self.step} steps): held-out NLL {m['nll_base']:.4f} "
-               f"nats/token without thoughts, {m['nll_mixed']:.4f} with; gain {m['gain']:+.4f} "
-               f"(95% CI {lo:+.4f}..{hi:+.4f}) over {m['sequences']} held-out sequences")
-        if "gain_hard10" in m:
-            txt += f", {m['gain_hard10']:+.4f} on the hardest 10% of tokens"
+        out = self.cfg.train.output_dir
+        txt = heldout_line(f"qstar_ds: result ({self.cfg.thought.mode}, {self.step} steps):", self.last_eval)
         txt += f"\nqstar_ds: report {os.path.join(out, REPORT_PAGE)}"
         if self.cfg.thought.mode != "off":
             txt += f"; thought viewer {os.path.join(out, VIEWER_PAGE)}"
@@ -410,8 +410,8 @@ class Trainer:
             evaluated = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
             if evaluated:
                 ev = self.evaluate(final=self.step == cfg.max_steps)
-                print0(heldout_line(self.step, ev))
-                self.logger.line(heldout_line(self.step, ev))
+                print0(heldout_line(f"eval step {self.step}:", ev))
+                self.logger.line(heldout_line(f"eval step {self.step}:", ev))
                 metrics = {**metrics, **flat_metrics(ev)}
             if evaluated or self.step % cfg.log_every == 0:
                 self.logger.log(self.step, {"samples": self.samples, **metrics})

@@ -57,7 +57,8 @@ def test_report_regenerates_from_a_run(tmp_path):
                "--eval.task_data_dir", data_dir])
     assert "eval step 2: held-out NLL" in res.stdout and "eval step 4: held-out NLL" in res.stdout
     tail = res.stdout.strip().splitlines()
-    assert any(ln.startswith("qstar_ds: result (quiet_star, 4 steps): held-out NLL") and "95% CI" in ln for ln in tail)
+    assert any(ln.startswith("qstar_ds: result (quiet_star, 4 steps): held-out NLL") and "95% CI" in ln
+               and "hardest 10%" in ln for ln in tail)
     assert any(f"report {out}/report.html; thought viewer {out}/thoughts.html" in ln for ln in tail)
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

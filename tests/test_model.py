@@ -116,10 +116,25 @@ def test_sliding_window_shorter_than_layout_is_refused():
 
 @pytest.mark.parametrize("key,value", [("thought_len", 0), ("n_thoughts", 0), ("talk_len", 0),
                                        ("temperature", 0.0), ("top_k", -1), ("beta", -1.0),
-                                       ("attention_backend", "nope")])
+                                       ("attention_backend", "nope"), ("temperature", float("inf")),
+                                       ("temperature", 1e-45), ("reinforce_temperature", float("nan")),
+                                       ("beta", float("inf")), ("mode", "nope"), ("mixing_lr_mult", -1.0)])
 def test_bad_config_names_key_and_value(key, value):
     with pytest.raises(ConfigError, match=f"^{key}={value!r}"):
         ThoughtConfig(**{key: value})
+
+
+@pytest.mark.parametrize("cls,key,value", [
+    ("OptimConfig", "lr", float("inf")), ("OptimConfig", "eps", -1e-8), ("OptimConfig", "weight_decay", -0.1),
+    ("OptimConfig", "betas", (0.9, 1.0)), ("OptimConfig", "betas", (-0.1, 0.99)), ("OptimConfig", "grad_clip", float("nan")),
+    ("EvalConfig", "temperature", 0.0), ("EvalConfig", "holdout_fraction", 1.0), ("EvalConfig", "sequences", 0)])
+def test_values_that_make_the_math_non_finite_are_refused(cls, key, value):
+    import re
+
+    import qstar_ds.config as config
+    prefix = {"OptimConfig": "optim", "EvalConfig": "eval"}[cls]
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{prefix}.{key}={value!r}")):
+        getattr(config, cls)(**{key: value})
 
 
 def test_parameter_groups_cover_everything_once():
