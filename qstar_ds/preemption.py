@@ -5,26 +5,39 @@ and forwards it to the ranks) and sends SIGTERM on `scancel`, pre-emption and no
 (SIGKILL follows after KillWait, 30 s by default). The handler only records the signal; after
 each optimizer step the ranks agree (an all-reduce MAX of the flag), so all of them save the same
 step and exit together: a rank that stopped alone would leave the others blocked in a collective.
+
+Ctrl-C (SIGINT, sent to every process of the foreground group) is handled the same way the first
+time, with a one-line notice; a second Ctrl-C stops at once (KeyboardInterrupt, which train.py
+turns into one line and exit code 130; nothing after the last checkpoint is kept).
 """
 from __future__ import annotations
 
 import signal
+import sys
 
 import torch
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preemption:
     def __init__(self, device: torch.device, signals=SIGNALS):
         self.device = device
         self.received: int | None = None
+        self.interrupts = 0
         self._old = {}
         for s in signals:
             self._old[s] = signal.signal(s, self._handler)
 
-    def _handler(self, signum, frame) -> None:          # async-signal context: record only
-        self.received = signum
+    def _handler(self, signum, frame) -> None:          # runs between bytecodes: record, nothing more
+        if signum == signal.SIGINT:
+            if self.interrupts:
+                raise KeyboardInterrupt
+            self.interrupts += 1
+            print("qstar_ds: Ctrl-C: stopping after this step and saving it; Ctrl-C again to stop at once "
+                  "(without saving)", file=sys.stderr, flush=True)
+        if self.received is None:
+            self.received = signum
 
     def should_stop(self) -> bool:
         """True on every rank if any rank has received a signal (a collective: call it at the

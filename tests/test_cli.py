@@ -281,3 +281,42 @@ def test_auto_attention_backend_is_resolved_and_logged(tmp_path):
                       "--thought.attention_backend", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "attention backend split (auto on cpu" in res.stdout + res.stderr
+
+
+def test_ctrl_c_once_saves_and_stops_twice_stops_at_once(tmp_path):
+    """The first SIGINT (Ctrl-C) finishes the step, saves it and exits 0 with one line; a resume
+    continues from it. Two SIGINTs stop at once: one line, exit 130, no traceback."""
+    def start(out):
+        return subprocess.Popen([sys.executable, TRAIN, "--preset", "debug_cpu", "--output_dir", str(out),
+                                 "--max_steps", "500", "--train.save_every", "0"], env=ENV, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_step(out, proc, step=2):
+        deadline = time.time() + 240
+        while max(steps_logged(out), default=0) < step:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+
+    out = tmp_path / "once"
+    proc = start(out)
+    wait_for_step(out, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "Ctrl-C: stopping after this step and saving it" in stderr
+    step = max(steps_logged(out))
+    assert f"rank 0/1 pre-empted (SIGINT) at step {step}" in stdout
+    assert (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists()
+    res = run_single(["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", str(step + 1)])
+    assert res.returncode == 0 and f"(step {step})" in res.stdout
+
+    out = tmp_path / "twice"
+    proc = start(out)
+    wait_for_step(out, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("qstar_ds: interrupted: stopped at once without saving")
