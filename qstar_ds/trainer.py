@@ -266,10 +266,9 @@ class Trainer:
         """Score the held-out sequences (heldout.py), sharded over ranks: rank r takes sequences
         r, r + W, ... in batches; every rank runs the same number of forwards (a short rank
         repeats a sequence whose result is dropped). -> summary (also written to
-        output_dir/eval/step_XXXXXXXX.json, the viewer page and the report on rank 0)."""
-        ec, mode = self.cfg.eval, self.cfg.thought.mode
-        cfg = self._eval_config()
-        ids, mask = (v.to(self.device) for v in self.heldout)
+        output_dir/eval/step_XXXXXXXX.json and the viewer page on rank 0)."""
+        ec, cfg = self.cfg.eval, self._eval_config()
+        ids, mask = (v.to(self.device) for v in self.heldout)                   # (D, n)
         D, n = ids.shape
         mine = list(range(self.rank, D, self.world))
         per_rank = -(-D // self.world)
@@ -280,43 +279,46 @@ class Trainer:
         parts: dict[str, list] = {}
         bar = progress(-(-per_rank // bs), 0, desc="held-out eval", unit="batch")
         for a in range(0, per_rank, bs):
-            rows = mine[a:a + bs]
-            x, am = ids[rows], mask[rows]
-            if mode == "off":             # no thoughts in this model: "with thoughts" is the model itself
-                base_logp = LearnOutput(**self.engine(mode="base", cfg=cfg, input_ids=x, attention_mask=am)).base_logp
-                anchor = positions[None].expand(len(rows), -1)
-                sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
-                                  cfg.talk_len)
-                sc["thoughts"] = x.new_zeros(*anchor.shape, cfg.thought_len)
-            else:
-                fixed = x.new_full((len(rows), positions.numel(), cfg.thought_len), self.filler_id) \
-                    if mode == "filler" else None
-                ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
-                                           generator=sequence_generator(ec.seed, -1, rows[0], self.device),
-                                           base_logprobs=True, thoughts=fixed))
-                sc = token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w)
-                sc["thoughts"] = ro.thoughts
-            for k, v in sc.items():
+            for k, v in self._score(cfg, ids, mask, mine[a:a + bs], positions).items():
                 parts.setdefault(k, []).append(v)
             bar.update(1)
         bar.close()
         self.engine.train()
-        local = {k: torch.cat(v) for k, v in parts.items()}                     # (per_rank, P)
-        order = torch.tensor([r * self.world + q for q in range(self.world) for r in range(per_rank)])
-        full = {k: self._gather_rows(v) for k, v in local.items()}              # rank-major
-        keep = order < D
-        inv = torch.empty_like(order[keep])
-        inv[order[keep]] = torch.arange(int(keep.sum()))
-        full = {k: v[keep.to(v.device)][inv.to(v.device)] for k, v in full.items()}  # (D, P), sequence order
+        full = self._gather_sequences({k: torch.cat(v) for k, v in parts.items()}, D)   # (D, P) each
         m = summarize(full, cfg.talk_len)
-        m["talk_len"] = cfg.talk_len
-        m["temperature"] = cfg.temperature
-        if (final or ec.tasks_every_eval) and (ec.gsm8k or ec.csqa):
+        m.update(talk_len=cfg.talk_len, temperature=cfg.temperature)
+        if (final or ec.tasks_every_eval) and self.task_items:
             m.update(self._task_slices(cfg))
         if self.rank == 0:
             self._write_eval(m, full, ids.cpu(), positions.cpu())
         self.last_eval = m
         return m
+
+    def _score(self, cfg: ThoughtConfig, ids, mask, rows: list[int], positions) -> dict[str, torch.Tensor]:
+        """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
+        every position (the filler in filler mode; none in off mode, where "with thoughts" is the
+        plain model)."""
+        x, am = ids[rows], mask[rows]
+        mode, t = self.cfg.thought.mode, cfg.thought_len
+        if mode == "off":
+            base_logp = LearnOutput(**self.engine(mode="base", cfg=cfg, input_ids=x, attention_mask=am)).base_logp
+            anchor = positions[None].expand(len(rows), -1)                       # (b, P)
+            sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
+                              cfg.talk_len)
+            return {**sc, "thoughts": x.new_zeros(*anchor.shape, t)}
+        fixed = x.new_full((len(rows), positions.numel(), t), self.filler_id) if mode == "filler" else None
+        ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
+                                   generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.device),
+                                   base_logprobs=True, thoughts=fixed))
+        return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}
+
+    def _gather_sequences(self, local: dict[str, torch.Tensor], D: int) -> dict[str, torch.Tensor]:
+        """Every rank's rows (rank q holds sequences q, q + W, ..., padded) -> all D sequences in order."""
+        per_rank = next(iter(local.values())).shape[0]
+        seq = torch.tensor([r * self.world + q for q in range(self.world) for r in range(per_rank)])  # rank-major
+        keep = seq < D
+        order = torch.argsort(seq[keep])
+        return {k: self._gather_rows(v)[keep.to(v.device)][order.to(v.device)] for k, v in local.items()}
 
     def _load_task_items(self) -> dict:
         from .tasks import TaskError, load_items
