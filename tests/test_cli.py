@@ -272,7 +272,14 @@ def test_local_model_directory_and_local_jsonl_corpus(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"model {tmp_path / 'hf'}" in res.stdout
     meta = json.loads((out / "checkpoints" / "step_00000002" / "qstar_meta.json").read_text())
-    assert meta["data_state"]["doc_index"] == 4 and meta["data_state"]["source"] == corpus
+    # 2 steps x 2 sequences = 4 training documents; the held-out split's documents among them are skipped
+    from qstar_ds.config import EvalConfig
+    from qstar_ds.data import is_heldout
+    with open(corpus) as f:
+        sides = [is_heldout(json.loads(line)["text"], EvalConfig().holdout_fraction, 0) for line in f]
+    read = [i for i, h in enumerate(sides) if not h][3] + 1
+    assert read > 4, "the first documents must include a held-out one, or this does not test skipping"
+    assert meta["data_state"]["doc_index"] == read and meta["data_state"]["source"] == corpus
     assert meta["signature"]["model_type"] == "qwen2"
 
 
