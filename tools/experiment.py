@@ -129,7 +129,7 @@ def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(args, arms: list[str], seeds: list[int], evs: dict, path: str) -> None:
+def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,16 +148,24 @@ def plot(args, arms: list[str], seeds: list[int], evs: dict, path: str) -> None:
     a.set_xlabel("step"); a.legend(fontsize=8)
     b.set_title("train base NLL", fontsize=10)
     b.set_xlabel("step"); b.legend(fontsize=8)
-    xs, ys, errs, labels = [], [], [], []
-    for i, arm in enumerate(arms):
-        pooled = [x for s in seeds for x in best_nll(evs[(arm, s)])]
-        m, lo, hi = mean_ci(pooled)
-        xs.append(i); ys.append(m); errs.append(hi - m); labels.append(arm)
-    c.bar(xs, ys, yerr=errs, color=[f"C{i}" for i in xs], capsize=4)
-    c.set_xticks(xs, labels)
-    lo_y = min(ys) - 3 * max(errs + [1e-3])
-    c.set_ylim(max(0.0, lo_y), max(ys) + 3 * max(errs + [1e-3]))
-    c.set_title(f"final held-out NLL, best prediction ({len(seeds)} seeds, 95% CI)", fontsize=10)
+    if cmp:   # the decision: paired differences per held-out sequence, pooled and per seed
+        labels, ys, errs = [], [], []
+        for ctrl, res in cmp.items():
+            for name, (m, lo, hi) in [("pooled", res["pooled"])] + [(f"seed {s}", v) for s, v in res["per_seed"].items()]:
+                labels.append(f"- {ctrl}\n{name}"); ys.append(m); errs.append([[m - lo], [hi - m]])
+        xs = list(range(len(ys)))
+        for x, y, e in zip(xs, ys, errs):
+            c.bar(x, y, yerr=e, color="C0" if y < 0 else "C3", capsize=4)
+        c.axhline(0, color="k", lw=0.8)
+        c.set_xticks(xs, labels, fontsize=7)
+        c.set_title("quiet_star NLL minus control NLL (< 0: quiet_star better), 95% CI", fontsize=10)
+    else:
+        xs = list(range(len(arms)))
+        stats = [mean_ci([x for s in seeds for x in best_nll(evs[(arm, s)])]) for arm in arms]
+        c.bar(xs, [m for m, _, _ in stats], yerr=[[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]],
+              color=[f"C{i}" for i in xs], capsize=4)
+        c.set_xticks(xs, arms)
+        c.set_title(f"final held-out NLL ({len(seeds)} seeds, 95% CI)", fontsize=10)
     fig.suptitle(f"{args.preset}, {args.steps} steps: {args.out}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(evs, arms, seeds, cmp)
     print(text)
     png = os.path.join(args.out, "experiment.png")
-    plot(args, arms, seeds, evs, png)
+    plot(args, arms, seeds, evs, cmp, png)
     secs = {f"{a}_s{s}": json.load(open(p))["seconds"] for a in arms for s in seeds
             if os.path.isfile(p := os.path.join(args.out, f"{a}_s{s}", "experiment_time.json"))}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
