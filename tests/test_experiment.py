@@ -20,7 +20,9 @@ def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     out = tmp_path / "exp"
-    common = ["--out", str(out), "--preset", "debug_cpu", "--steps", "4", "--save_every", "2"]
+    data_dir = os.path.dirname(os.path.dirname(shared_file("commonsenseqa/dev_tiny.jsonl")))
+    common = ["--out", str(out), "--preset", "debug_cpu", "--steps", "4", "--save_every", "2",
+              "--slices", "2", "--task_data_dir", data_dir]
     # an interrupted arm: its run stopped at step 2 (what a kill after the step-2 checkpoint leaves)
     partial = run([os.path.join(ROOT, "qstar_ds", "train.py"), "--preset", "debug_cpu", "--output_dir",
                    str(out / "filler_s0"), "--max_steps", "2", "--thought.mode", "filler", "--train.seed", "0",
@@ -36,6 +38,8 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
         for seed in (0, 1):
             assert (out / f"{arm}_s{seed}" / "eval" / "step_00000004.json").exists()
     lines = res.stdout
+    rows = [ln for ln in lines.splitlines() if ln.startswith(("quiet_star ", "filler ", "off "))]
+    assert len(rows) == 6 and all("gsm8k " in ln and "csqa " in ln for ln in rows), rows   # the slices
     assert "quiet_star (with thoughts) - filler (best)" in lines and "quiet_star (with thoughts) - off (best)" in lines
     assert "over 12 (seed, sequence) pairs" in lines                     # 6 held-out sequences x 2 seeds
     summary = json.loads((out / "summary.json").read_text())

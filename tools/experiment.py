@@ -1,7 +1,8 @@
 """Does it learn? Quiet-STaR against its two controls, same data, steps and optimizer, >= 2 seeds.
 
     python tools/experiment.py --out runs/exp --preset smollm2 --steps 40 --seeds 0,1 \\
-        [--arms quiet_star,filler,off] [--launch "torchrun --nproc_per_node 8"] [-- TRAIN.PY OVERRIDES]
+        [--arms quiet_star,filler,off] [--slices 64 --task_data_dir ../shared/data]
+        [--launch "torchrun --nproc_per_node 8"] [-- TRAIN.PY OVERRIDES]
 
 For each seed s and arm a, runs `qstar_ds/train.py --preset P --thought.mode a --train.seed s
 --data.seed s --max_steps N --output_dir OUT/a_s<s>` (the overrides after `--` go to every run),
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--save_every", type=int, default=10)
+    ap.add_argument("--slices", type=int, default=0, help="GSM8K and CSQA items scored at the end of every run, "
+                                                          "with and without thoughts (0 = none)")
+    ap.add_argument("--task_data_dir", default=None, help="folder with gsm8k/test.jsonl and commonsenseqa/dev.jsonl "
+                                                         "(default: the hub)")
     ap.add_argument("--launch", default="python", help='"python" (one process) or a launcher prefix, e.g. '
                                                        '"torchrun --nproc_per_node 8"')
     args = ap.parse_args(argv)
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS}",
               file=sys.stderr)
         return 2
+    if args.slices:
+        extra = ["--eval.gsm8k", str(args.slices), "--eval.csqa", str(args.slices)] + \
+            (["--eval.task_data_dir", args.task_data_dir] if args.task_data_dir else []) + extra
     os.makedirs(args.out, exist_ok=True)
     evs = {(a, s): run_one(args, a, s, extra) for s in seeds for a in arms}
     cmp = compare(evs, arms, seeds)
