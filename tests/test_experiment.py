@@ -38,7 +38,7 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
         for seed in (0, 1):
             assert (out / f"{arm}_s{seed}" / "eval" / "step_00000004.json").exists()
     lines = res.stdout
-    rows = [ln for ln in lines.splitlines() if ln.startswith(("quiet_star ", "filler ", "off "))]
+    rows = [ln for ln in lines.splitlines() if ln.startswith(("quiet_star ", "filler ", "off ")) and ln.split()[1].isdigit()]
     assert len(rows) == 6 and all("gsm8k " in ln and "csqa " in ln for ln in rows), rows   # the slices
     assert "quiet_star (with thoughts) - filler (best)" in lines and "quiet_star (with thoughts) - off (best)" in lines
     assert "over 12 (seed, sequence) pairs" in lines                     # 6 held-out sequences x 2 seeds
