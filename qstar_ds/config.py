@@ -227,9 +227,16 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in output_dir, else start fresh), none, or a checkpoint path."""
+    """auto (the newest checkpoint in output_dir that verifies, else start fresh), none (start
+    fresh; refused where output_dir holds checkpoints), or a checkpoint path."""
+    checkpoint_hashes: bool = True
+    """Record the sha256 of every checkpoint file when saving and check it before resuming
+    (each rank hashes a share). false: sizes only, for huge checkpoints on slow disks."""
     log_every: int = 1
     """Write metrics every this many steps."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (no update, no checkpoint) with
+    a warning; this many in a row stop the run with an error (0: stop at the first)."""
     eval_every: int = 0
     """Evaluate on held-out text every this many steps (0 = only at the end; see `eval`)."""
     thought_table_every: int = 50
@@ -243,7 +250,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "chunk_tokens", "keep_last", "log_every"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 1, f"train.{key}", v, "must be an integer >= 1")
-        for key in ("save_every", "thought_table_every", "eval_every"):
+        for key in ("save_every", "thought_table_every", "eval_every", "max_bad_steps"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 0, f"train.{key}", v, "must be an integer >= 0")
         _require(self.wandb in ("disabled", "offline", "online"), "train.wandb", self.wandb,

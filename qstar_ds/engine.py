@@ -235,3 +235,36 @@ def prepare_zero_init() -> None:
     construction: imported lazily inside it (by transformers), their signature check fails with
     'Signature mismatch ... tensor_pynew' (torch 2.13 + deepspeed 0.19)."""
     import torch._dynamo.polyfills.tensor  # noqa: F401
+
+
+def apply_optimizer_settings(engine, model, cfg: Config, saved: dict) -> list[str]:
+    """After a checkpoint is loaded: its optimizer groups carry the lr, weight decay, betas and eps
+    it was written with; set them to this run's optim.* (the moments are kept) and the LR to this
+    run's schedule at the restored step. -> the changes against the checkpoint's config, in words
+    (empty when nothing changed). `saved` is the checkpoint's resolved config."""
+    o, sched = cfg.optim, engine.lr_scheduler
+    want = [g for g in model.parameter_groups(o.lr, o.weight_decay, cfg.thought.thought_lr_mult,
+                                              cfg.thought.mixing_lr_mult) if g["params"]]
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(want):
+        raise ConfigError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run {len(want)}")
+    for i, (g, w) in enumerate(zip(groups, want)):
+        sched.base_lrs[i] = g["initial_lr"] = w["lr"]
+        g["weight_decay"] = w["weight_decay"]
+        if "betas" in g:
+            g["betas"] = tuple(o.betas)
+        if "eps" in g:
+            g["eps"] = o.eps
+        g["lr"] = w["lr"] * sched.lr_lambdas[i](sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]
+    changes = []
+    keys = [("optim", k) for k in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "decay", "min_lr_ratio",
+                                   "grad_clip")] + [("thought", "thought_lr_mult"), ("thought", "mixing_lr_mult"),
+                                                    ("train", "max_steps")]
+    for sec, k in keys:
+        old, new = saved.get(sec, {}).get(k), getattr(getattr(cfg, sec), k)
+        if isinstance(new, tuple):
+            new = list(new)
+        if old is not None and old != new:
+            changes.append(f"{sec}.{k} {old} -> {new}")
+    return changes

@@ -2,8 +2,9 @@
 
 - a directory written by QuietStarModel.save_pretrained / tools/export_hf.py (has quiet_star.json)
 - a DeepSpeed checkpoint of the trainer: a step_XXXXXXXX directory, its checkpoints/ directory or
-  the run's output_dir (newest complete one); ZeRO shards are merged on CPU by DeepSpeed's
-  zero_to_fp32, in one process, whatever the world size that wrote them
+  the run's output_dir (newest one that verifies); ZeRO shards are merged on CPU by DeepSpeed's
+  zero_to_fp32, in one process, whatever the world size that wrote them, with no code from the
+  files run (safe_load)
 - a base model name as in ModelConfig: "smollm2" (the embedded default), "tiny-<arch>", a local HF
   directory or a hub name: wrapped with fresh thought tokens and a zero mixing head, i.e. the
   model *before* any Quiet-STaR training (its mixed distribution equals the base model's only
@@ -20,6 +21,7 @@ import torch
 
 from .checkpoint import CKPT_SUBDIR, COMPLETE, META, read_meta, resolve_resume
 from .model import META_FILE, QuietStarModel, ThoughtTokens, load_tokenizer
+from .safe_load import weights_only_loading
 
 
 @dataclass
@@ -47,13 +49,14 @@ def model_from_checkpoint(checkpoint: str) -> tuple[QuietStarModel, object, dict
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_resume(checkpoint, checkpoint)          # a tag dir, or the newest under a run dir
+    path = resolve_resume(checkpoint, checkpoint)          # a tag dir, or the newest that verifies under a run dir
     meta = read_meta(path)
     template = meta["template"]
     if not os.path.isdir(template):
         raise FileNotFoundError(f"{template} (base config + tokenizer written at the start of training) is missing")
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    with weights_only_loading():                           # no code from the checkpoint runs
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     config = AutoConfig.from_pretrained(template)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     sig = meta["signature"]

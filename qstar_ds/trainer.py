@@ -29,8 +29,8 @@ from . import checkpoint as ckpt
 from .cli import to_yaml
 from .config import Config, ConfigError, ThoughtConfig
 from .cpu_memory import keep_freed_memory
-from .data import SequenceStream, first_sequences
-from .engine import (build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
+from .data import SequenceStream, check_source, first_sequences
+from .engine import (apply_optimizer_settings, build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
                      plan_step, prepare_zero_init, resolve_dtype, zero_stage)
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
@@ -62,6 +62,10 @@ def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generato
     return g
 
 
+class TrainingError(ConfigError):
+    """The run cannot go on (diverged): one line, exit code 2."""
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -77,6 +81,10 @@ class Trainer:
         cfg.thought.attention_backend = resolve_backend(requested, self.device_type)
         self.backend_note = "" if requested != "auto" else \
             f" (auto on {self.device_type} -> {auto_note(self.device_type)})"
+        ckpt.check_output_dir(cfg.train.output_dir, self.rank)     # bad paths and data fail before the model loads
+        check_source(cfg.data.source, cfg.data.text_field)
+        if cfg.eval.source is not None:
+            check_source(cfg.eval.source, cfg.data.text_field, "eval.source")
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)
@@ -107,12 +115,17 @@ class Trainer:
 
         self.step, self.samples = 0, 0
         data_state = None
-        resume_path = ckpt.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+        self.notes: list[str] = []          # start-up lines for the text log (it opens later)
+        resume_path, meta, self.run_id = ckpt.begin(cfg.train.resume, cfg.train.output_dir,
+                                                    cfg.train.checkpoint_hashes, self._note)
         if resume_path is not None:
-            meta = ckpt.read_meta(resume_path)
             ckpt.check_compatible(meta, self.signature, self.world, resume_path)
             ckpt.load(self.engine, resume_path)
             self.step, self.samples, data_state = meta["step"], meta["samples"], meta["data_state"]
+            changed = apply_optimizer_settings(self.engine, self.model, cfg, meta.get("config", {}))
+            if changed:
+                self._note(f"resuming with changed settings, applied from step {self.step} on (optimizer "
+                           f"moments kept): {', '.join(changed)}")
         d, e = cfg.data, cfg.eval
         split = e.holdout_fraction if e.source is None else 0.0        # training never reads held-out text
         self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,
@@ -126,10 +139,16 @@ class Trainer:
         self.resumed_from = resume_path
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.train.wandb, cfg.train.wandb_project,
                                     config=dataclasses.asdict(cfg))
+        for line in self.notes:
+            self.logger.line(line)
         if self.rank == 0:
             self._write_template()
 
     # ---- setup helpers --------------------------------------------------------------------
+    def _note(self, msg: str) -> None:
+        print0(f"qstar_ds: {msg}")
+        self.notes.append(msg)
+
     def _signature(self) -> dict:
         c = self.model.base.config
         t = self.cfg.thought
@@ -405,9 +424,11 @@ class Trainer:
         last = {}
         while self.step < cfg.max_steps:
             x, am = self.stream.next_batch(cfg.batch_size)
+            skipped_before = self.engine.skipped_steps
             metrics, sample = self.train_step(x, am)
             self.step += 1
             self.samples += cfg.batch_size
+            bad = self._check_finite(metrics, cfg.max_bad_steps, self.engine.skipped_steps > skipped_before)
             last = metrics
             evaluated = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
             if evaluated:
@@ -427,11 +448,11 @@ class Trainer:
                             rew=f"{metrics['reward_mean']:.3g}", pos=f"{metrics['reward_pos_frac']:.2f}",
                             w=f"{metrics['mix_w_mean']:.3g}", gn=f"{metrics['grad_norm']:.3g}",
                             lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            saved = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps
+            saved = not bad and ((cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps)
             if saved:
                 self.save()
             if preempt.should_stop():                    # every rank, same step
-                if not saved:
+                if not saved and not bad:
                     self.save()
                 self.preempted_by = preempt.name
                 msg = f"pre-empted by {preempt.name} after step {self.step}: checkpoint saved, exiting"
@@ -440,12 +461,38 @@ class Trainer:
                 break
         return last
 
+    def _check_finite(self, metrics: dict, max_bad: int, skipped: bool) -> bool:
+        """True if this step's loss or gradient norm is not finite (the same on every rank: both
+        are global). DeepSpeed skips such an update; where it applied it anyway, or after more than
+        `max_bad` such steps in a row, the run stops with one line (no checkpoint of a bad step)."""
+        import math
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            self.bad_steps = 0
+            return False
+        self.bad_steps = getattr(self, "bad_steps", 0) + 1
+        what = f"loss {metrics['loss']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
+        newest = ckpt.complete_checkpoints(os.path.join(self.cfg.train.output_dir, ckpt.CKPT_SUBDIR))
+        last = f"the newest checkpoint is {newest[-1][1]}" if newest else "no checkpoint was written"
+        if not skipped:
+            raise TrainingError(f"step {self.step}: {what}, and DeepSpeed applied the update (the weights may "
+                                f"be non-finite): stopped without saving; {last}")
+        msg = f"warning: step {self.step}: {what}: update skipped ({self.bad_steps} in a row)"
+        print0(f"qstar_ds: {msg}")
+        self.logger.line(msg)
+        if self.bad_steps > max_bad:
+            raise TrainingError(f"{self.bad_steps} steps in a row with a non-finite loss or gradient (last: step "
+                                f"{self.step}, {what}; train.max_bad_steps={max_bad}): stopped without saving; "
+                                f"{last}. Lower optim.lr or check the data")
+        return True
+
     def save(self) -> str:
         meta = {"step": self.step, "samples": self.samples, "data_state": self.stream.state(),
                 "config": dataclasses.asdict(self.cfg), "signature": self.signature,
-                "world_size": self.world, "dtype": str(self.dtype).removeprefix("torch."),
+                "world_size": self.world, "dtype": str(self.dtype).removeprefix("torch."), "run_id": self.run_id,
+                "parent": self.resumed_from,
                 "template": os.path.abspath(os.path.join(self.cfg.train.output_dir, TEMPLATE_DIR))}
-        path = ckpt.save(self.engine, self.cfg.train.output_dir, self.step, meta, self.cfg.train.keep_last)
+        path = ckpt.save(self.engine, self.cfg.train.output_dir, self.step, meta, self.cfg.train.keep_last,
+                         self.cfg.train.checkpoint_hashes)
         self.logger.line(f"checkpoint {path}")
         return path
 

@@ -77,3 +77,62 @@ def test_local_file_errors_name_the_problem(tmp_path):
     s.next_sequence()
     with pytest.raises(ConfigError, match="row 1 has no string field 'text'"):
         s.next_sequence()
+
+
+def test_a_huge_document_streams_in_pieces_with_a_small_resumable_state(tmp_path):
+    """A document far longer than a piece is tokenised piece by piece: the tokens are those of the
+    whole document, and the checkpointed state is an offset (not the remaining tokens)."""
+    from qstar_ds.data import PIECE_CHARS
+    text = " ".join(arith_document(0, i) for i in range(2000))
+    assert len(text) > 8 * PIECE_CHARS
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a short last document"}) + "\n")
+    tok = tiny_tokenizer()
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    a = SequenceStream(tok, str(path), 64)
+    got = a.next_batch(len(whole) // 64 // 2)[0].flatten().tolist()
+    assert got == whole[:len(got)]
+    state = json.dumps(a.state())
+    assert len(state) < 200, state
+    short = tok("a short last document", add_special_tokens=False)["input_ids"]
+    rest = a.next_batch((len(whole) + len(short) + 2) // 64 - len(got) // 64)   # into the next document
+    b = SequenceStream(tok, str(path), 64, state=json.loads(state))
+    again = b.next_batch(rest[0].shape[0])
+    assert torch.equal(rest[0], again[0])
+    assert (got + rest[0].flatten().tolist())[:len(whole) + 1] == whole + [tok.eos_token_id]
+    crop = SequenceStream(tok, str(path), 64, pack=False).next_sequence()[0]
+    assert crop == whole[:64]
+
+
+def test_a_checkpoint_with_the_older_token_buffer_still_resumes():
+    tok = tiny_tokenizer()
+    a = SequenceStream(tok, "arith", 40)
+    a.next_batch(3)
+    new = a.state()
+    # what the stream used to checkpoint: the remaining tokens of the buffered documents
+    b = SequenceStream(tok, "arith", 40, state=new)
+    legacy = {"doc_index": new["doc_index"] + 1, "sequences": 3,
+              "buffer": b._take(len(tok(arith_document(0, new["doc_index"]), add_special_tokens=False)["input_ids"])
+                                + 1 - new["offset"])}
+    want = a.next_batch(5)
+    got = SequenceStream(tok, "arith", 40, state=legacy).next_batch(5)
+    assert torch.equal(want[0], got[0])
+
+
+def test_large_local_files_are_streamed_with_the_same_documents(tmp_path, monkeypatch):
+    import qstar_ds.data as data
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": arith_document(3, i)}) + "\n" for i in range(40)))
+    tok = tiny_tokenizer()
+    ref = SequenceStream(tok, str(path), 32)
+    want = ref.next_batch(6)
+    state = ref.state()
+    want_next = ref.next_batch(6)
+    import datasets
+    calls, load = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k.get("streaming")) or load(*a, **k))
+    monkeypatch.setattr(data, "STREAM_BYTES", 0)
+    streamed = SequenceStream(tok, str(path), 32)
+    assert torch.equal(streamed.next_batch(6)[0], want[0])
+    assert torch.equal(SequenceStream(tok, str(path), 32, state=state).next_batch(6)[0], want_next[0])
+    assert calls == [True, True]          # read as a stream (no converted copy), resumed by skipping rows

@@ -18,9 +18,7 @@ import torch  # noqa: E402
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
-    from qstar_ds.loading import model_from_checkpoint
-
-    from qstar_ds.loading import trained_filler_id
+    from qstar_ds.loading import model_from_checkpoint, trained_filler_id
     model, tok, meta, _ = model_from_checkpoint(checkpoint)
     model.to(getattr(torch, dtype or "float32"))
     sig = meta["signature"]
@@ -30,14 +28,20 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
     return out_dir
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint directory (step_XXXXXXXX) or a run's output_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    print(export(args.checkpoint, args.out_dir, args.dtype))
+    from qstar_ds.config import ConfigError
+    try:
+        print(export(args.checkpoint, args.out_dir, args.dtype))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"export_hf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
