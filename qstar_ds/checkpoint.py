@@ -242,17 +242,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def check_compatible(meta: dict, signature: dict, world: int, path: str) -> None:
-    """Refuse a resume that changes the architecture, the thought settings or the world size."""
+def check_compatible(meta: dict, signature: dict, path: str) -> None:
+    """Refuse a resume that changes the architecture or the thought settings."""
     old = meta["signature"]
     diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
     if diff:
         what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"cannot resume from {path}: the checkpoint was written with different "
                               f"architecture/thought settings ({what}); use a new output_dir")
-    if meta["world_size"] != world:
-        raise CheckpointError(f"cannot resume from {path}: written by {meta['world_size']} ranks, now {world}; "
-                              f"ZeRO shards are per rank: resume with {meta['world_size']} ranks")
+
+
+UNIVERSAL = "universal"
+
+
+def universal_dir(path: str, rank: int) -> str:
+    """DeepSpeed's universal form of checkpoint `path` (every parameter's fp32 value and Adam
+    moments whole, loadable by any number of ranks), made once by rank 0 with DeepSpeed's
+    ds_to_universal (every file read through safe_load) into path/universal. Collective."""
+    import argparse
+
+    import torch.distributed as dist
+    out = os.path.join(path, UNIVERSAL)
+    if rank == 0 and not os.path.isfile(os.path.join(out, COMPLETE)):
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        from .safe_load import weights_only_loading
+        tmp = f"{out}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with weights_only_loading():
+            to_universal(args)
+        _atomic_write(os.path.join(tmp, COMPLETE), "universal\n")
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    dist.barrier()
+    return out
 
 
 def begin(resume: str, output_dir: str, hashes: bool, report) -> tuple[str | None, dict | None, str]:
@@ -368,13 +394,16 @@ def _rotate(ckpt_dir: str, keep_last: int, newest: int, run_id: str | None) -> N
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, path: str) -> dict:
+def load(engine, path: str, universal: bool = False) -> dict:
     """Restore engine states (model, optimizer, LR schedule) and this rank's RNG, every file read
-    without unpickling code (safe_load). -> meta."""
+    without unpickling code (safe_load). `universal`: written by another number of ranks; loaded
+    from its universal form (the engine was built with checkpoint.load_universal). -> meta."""
     import torch.distributed as dist
 
     from .safe_load import weights_only_loading
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
+    if universal:
+        ckpt_dir, tag = path, os.path.basename(universal_dir(path, dist.get_rank()))
     with weights_only_loading():
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)

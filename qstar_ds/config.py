@@ -234,6 +234,13 @@ class TrainConfig:
     (each rank hashes a share). false: sizes only, for huge checkpoints on slow disks."""
     log_every: int = 1
     """Write metrics every this many steps."""
+    rollout_batch: int = 0
+    """Sequences per rollout forward on a rank (0 = all the rank's sequences of the step at once;
+    lower it if the rollout's KV cache does not fit)."""
+    rollout_gather: str = "auto"
+    """ZeRO-3: gather the whole model once per rollout (always), or let DeepSpeed gather every
+    layer at each of its t + 2 forwards (never). auto: always on CPU; on a GPU when the model
+    takes at most half the free memory."""
     max_bad_steps: int = 3
     """A step whose loss or gradient norm is not finite is skipped (no update, no checkpoint) with
     a warning; this many in a row stop the run with an error (0: stop at the first)."""
@@ -250,11 +257,13 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "chunk_tokens", "keep_last", "log_every"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 1, f"train.{key}", v, "must be an integer >= 1")
-        for key in ("save_every", "thought_table_every", "eval_every", "max_bad_steps"):
+        for key in ("save_every", "thought_table_every", "eval_every", "max_bad_steps", "rollout_batch"):
             v = getattr(self, key)
             _require(isinstance(v, int) and v >= 0, f"train.{key}", v, "must be an integer >= 0")
         _require(self.wandb in ("disabled", "offline", "online"), "train.wandb", self.wandb,
                  "must be disabled, offline or online")
+        _require(self.rollout_gather in ("auto", "always", "never"), "train.rollout_gather", self.rollout_gather,
+                 "must be auto, always or never")
 
 
 @dataclass

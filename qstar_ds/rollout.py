@@ -45,10 +45,18 @@ def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
     return torch.arange(n - talk_len, device=device)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def uniforms(rows: int, generator, device) -> torch.Tensor:
+    """(rows, 1) uniform numbers from `generator`, or from a list of generators, one per equal
+    block of rows (one per batch row): a batch then draws exactly what each row would draw alone."""
+    if isinstance(generator, (list, tuple)):
+        per = rows // len(generator)
+        return torch.cat([torch.rand(per, 1, generator=g, device=device) for g in generator])
+    return torch.rand(rows, 1, generator=generator, device=device)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
     """(..., V) -> (...) samples from softmax(logits / temperature) (top_k: the k most likely
-    only), seeded by `generator`.
+    only), seeded by `generator` (or a list of one generator per leading-dimension row).
 
     Inverse-CDF sampling: one softmax, one cumulative sum and one uniform number per row, ~6x
     cheaper on CPU than the Gumbel-max trick over a (streams x vocabulary) tensor (which draws V
@@ -62,7 +70,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int,
     shape = z.shape[:-1]
     p = torch.softmax(z.reshape(-1, z.shape[-1]), dim=-1)                      # (R, V)
     c = p.cumsum(-1)
-    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * c[:, -1:]
+    u = uniforms(p.shape[0], generator, p.device) * c[:, -1:]
     # right=True: the first token whose cumulative probability exceeds u, so a zero-probability
     # token (masked marker, outside top-k) is never chosen
     idx = torch.searchsorted(c, u, right=True).clamp_(max=p.shape[1] - 1)     # (R, 1)

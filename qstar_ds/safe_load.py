@@ -25,15 +25,16 @@ class UnsafeCheckpoint(ConfigError):
 
 
 def allowed_globals() -> list:
-    """DeepSpeed's state classes found in its checkpoints (loss scaler, ZeRO stage enum), and numpy
-    arrays (older qstar_ds RNG state files)."""
+    """DeepSpeed's state classes found in its checkpoints (loss scaler, ZeRO stage enum, ZeRO-1/2
+    fragment addresses: plain data), and numpy arrays (older qstar_ds RNG state files)."""
     import numpy as np
     out = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType, np.dtypes.Int64DType]
     out.append(np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct)
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
-        out += [LossScaler, DynamicLossScaler, ZeroStageEnum]
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     except ImportError:        # pure-tensor use without deepspeed: nothing of DeepSpeed's to allow
         pass
     return out

@@ -39,7 +39,7 @@ from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
 from .viewer import page_data, render
 from .attention import auto_note, resolve_backend
-from .model import QuietStarModel, filler_token_id, randomize_mixing_head
+from .model import QuietStarModel, filler_token_id, held, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
 from .rollout import Rollout, default_positions
@@ -88,6 +88,14 @@ class Trainer:
         self.plan = plan_step(cfg, self.world)
         self.ds_config = fill_ds_config(load_ds_json(cfg.ds_config), cfg, self.plan, self.device_type)
         self.dtype = resolve_dtype(cfg, self.device_type)
+        self.notes: list[str] = []          # start-up lines for the text log (it opens later)
+        resume_path, meta, self.run_id = ckpt.begin(cfg.train.resume, cfg.train.output_dir,
+                                                    cfg.train.checkpoint_hashes, self._note)
+        reshard = meta is not None and meta["world_size"] != self.world
+        if reshard:           # written by another number of ranks: loaded through DeepSpeed's universal form
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+            self._note(f"{resume_path} was written by {meta['world_size']} rank(s), now {self.world}: loading "
+                       f"its universal form ({os.path.join(resume_path, ckpt.UNIVERSAL)}, made once)")
         # ZeRO-3: build real models partitioned (zero.Init). Tiny test models are built whole, so
         # that a seed gives the same initial weights under every ZeRO stage and in one process.
         if zero_stage(self.ds_config) == 3 and not cfg.model.name.startswith(TINY_PREFIX):
@@ -115,12 +123,9 @@ class Trainer:
 
         self.step, self.samples = 0, 0
         data_state = None
-        self.notes: list[str] = []          # start-up lines for the text log (it opens later)
-        resume_path, meta, self.run_id = ckpt.begin(cfg.train.resume, cfg.train.output_dir,
-                                                    cfg.train.checkpoint_hashes, self._note)
         if resume_path is not None:
-            ckpt.check_compatible(meta, self.signature, self.world, resume_path)
-            ckpt.load(self.engine, resume_path)
+            ckpt.check_compatible(meta, self.signature, resume_path)
+            ckpt.load(self.engine, resume_path, universal=reshard)
             self.step, self.samples, data_state = meta["step"], meta["samples"], meta["data_state"]
             changed = apply_optimizer_settings(self.engine, self.model, cfg, meta.get("config", {}))
             if changed:
@@ -178,19 +183,39 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------
     def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> thoughts (B, M, t), rewards (B, M): every sequence's rollout, computed by its owner
-        rank and all-gathered."""
+        rank and all-gathered. A rank's sequences go through the rollout together, in batches of
+        train.rollout_batch, each row with its own generator (the same draws as alone), with the
+        parameters gathered once for all t + 2 forwards (ZeRO-3; see rollout_gathered)."""
         B = x.shape[0]
         per_rank = -(-B // self.world)
+        rows = [min(self.rank * per_rank + j, B - 1) for j in range(per_rank)]   # past the end: repeat, dropped
         positions = default_positions(x.shape[1], self.cfg.thought.talk_len, self.device)
+        size = self.cfg.train.rollout_batch or per_rank
         th, rw = [], []
-        for j in range(per_rank):
-            seq = min(self.rank * per_rank + j, B - 1)   # past the end: repeat, result dropped
-            ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[seq:seq + 1],
-                             attention_mask=am[seq:seq + 1], positions=positions,
-                             generator=sequence_generator(self.cfg.train.seed, self.step, seq, self.device)))
-            th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float())
-        local = [torch.stack(v) for v in (th, rw)]                              # (per_rank, ...)
+        with self.rollout_params():
+            for a in range(0, per_rank, size):
+                part = rows[a:a + size]
+                gens = [sequence_generator(self.cfg.train.seed, self.step, s, self.device) for s in part]
+                ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[part],
+                                           attention_mask=am[part], positions=positions, generator=gens))
+                th.append(ro.thoughts); rw.append(ro.rewards.float())
+        local = [torch.cat(v) for v in (th, rw)]                                # (per_rank, ...)
         return tuple(self._gather_rows(v)[:B] for v in local)
+
+    def rollout_params(self):
+        """Context holding the whole model gathered on every rank during the rollout (ZeRO-3),
+        so its t + 2 forwards all-gather the parameters once instead of at every forward;
+        train.rollout_gather=never, or auto on a GPU where the model takes over half the free
+        memory, keeps DeepSpeed's per-forward gathering."""
+        import contextlib
+        mode = self.cfg.train.rollout_gather
+        if mode == "never" or zero_stage(self.ds_config) != 3:
+            return contextlib.nullcontext()
+        if mode == "auto" and self.device_type == "cuda":
+            need = sum(p.ds_numel * p.element_size() for p in self.model.parameters() if hasattr(p, "ds_numel"))
+            if need > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
+                return contextlib.nullcontext()
+        return held(self.model.parameters())
 
     def _gather_rows(self, v: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's (rows, ...) tensor along dim 0 (rank order)."""
@@ -466,7 +491,8 @@ class Trainer:
         are global). DeepSpeed skips such an update; where it applied it anyway, or after more than
         `max_bad` such steps in a row, the run stops with one line (no checkpoint of a bad step)."""
         import math
-        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        norm_known = self.engine.get_global_grad_norm() is not None      # ZeRO stage 0 does not compute it
+        if math.isfinite(metrics["loss"]) and (math.isfinite(metrics["grad_norm"]) or not norm_known):
             self.bad_steps = 0
             return False
         self.bad_steps = getattr(self, "bad_steps", 0) + 1

@@ -1,6 +1,6 @@
 """train.py as users run it: bad input gives one clear line, SIGKILL + --resume auto continues
 with the same losses, checkpoints that were being written are never resumed from, resumes that
-change the model or the world size are refused, export to a HF directory round-trips."""
+change the model are refused, export to a HF directory round-trips."""
 import json
 import re
 import os
@@ -150,7 +150,7 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
 
 
-def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(tmp_path):
+def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
     out = tmp_path / "out"
     base = ["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "2"]
     res = run_single(base)
@@ -159,8 +159,7 @@ def test_resume_refuses_changed_thoughts_and_world_size_then_export_round_trips(
     res = run_single(base + ["--max_steps", "3", "--thought.thought_len", "3"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "thought_len: 2 -> 3" in res.stderr.strip().splitlines()[-1]
-    with pytest.raises(AssertionError, match="written by 1 ranks, now 2"):
-        launch([TRAIN] + base + ["--max_steps", "3"], nproc=2)
+    # (a different number of ranks resumes through the universal form: tests/test_faults.py)
 
     # export: the HF directory loads without DeepSpeed and holds the trained values
     from qstar_ds.model import QuietStarModel, load_tokenizer

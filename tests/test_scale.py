@@ -1,0 +1,32 @@
+"""Scaling out (2 CPU ranks, ZeRO-3 with every parameter partitioned): the rollout all-gathers
+the model once per step instead of at each of its t + 2 forwards, with the same thoughts and the
+same update."""
+import json
+import os
+
+import torch
+
+from helpers import ROOT, SGD_JSON, assert_same_update, launch, run_worker
+
+WORKER = os.path.join(ROOT, "tests", "rollout_worker.py")
+
+
+def test_rollout_gathers_the_model_once_with_the_same_thoughts(tmp_path):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps(SGD_JSON))
+    dump = tmp_path / "rollout.pt"
+    launch([WORKER, str(dump), "--preset", "debug_cpu", "--ds_config", str(ds), "--output_dir", str(tmp_path / "o"),
+            "--train.batch_size", "3"], nproc=2)
+    d = torch.load(dump)
+    held, before, params = d["bytes"]["held"], d["bytes"]["before"], d["param_bytes"]
+    assert held <= 1.1 * params, (held, params)
+    # before: 2 sequences per rank x (t + 2 = 4) forwards, less what DeepSpeed's cache reuses
+    assert before >= 3 * params, (before, params)
+    assert torch.equal(d["thoughts"]["held"], d["thoughts"]["before"])
+    torch.testing.assert_close(d["rewards"]["held"], d["rewards"]["before"], rtol=1e-5, atol=1e-6)
+
+
+def test_held_batched_rollout_gives_the_update_of_one_sequence_at_a_time(tmp_path):
+    held = run_worker(tmp_path, "held", 2, {})
+    alone = run_worker(tmp_path, "alone", 2, {"train.rollout_batch": 1, "train.rollout_gather": "never"})
+    assert_same_update(held["init"], held["final"], alone["final"])
