@@ -38,8 +38,9 @@ class StepPlan:
         return math.ceil(self.total_chunks / self.world)
 
     @property
-    def rollouts_per_rank(self) -> int:
-        return math.ceil(self.total_chunks // self.chunks_per_seq / self.world)
+    def wasted(self) -> float:
+        """Share of the step's micro-steps that are weight-0 repeats (ranks without a chunk)."""
+        return 1 - self.total_chunks / (self.grad_accum * self.world)
 
     def chunks(self) -> list[tuple[int, int, int]]:
         """(sequence, first stream, end stream) of every chunk of the global batch."""
@@ -52,14 +53,43 @@ class StepPlan:
 
 
 def plan_step(cfg: Config, world: int) -> StepPlan:
+    """Cut each sequence's M streams into chunks of at most `train.chunk_tokens` packed tokens,
+    choosing the chunk count that makes a step fastest on `world` ranks: the critical path is
+    (micro-steps per rank) x (tokens of the largest chunk), each chunk also re-encoding the n
+    base tokens. With few ranks that is the fewest chunks; with more ranks than chunks, smaller
+    chunks so that every rank has one (no rank runs a weight-0 repeat while others work)."""
+    B = cfg.train.batch_size
     if cfg.thought.mode == "off":           # no streams: one base-only chunk per sequence
-        return StepPlan(0, 0, 1, cfg.train.batch_size, world)
+        return StepPlan(0, 0, 1, B, world)
     n, L = cfg.data.seq_len, cfg.thought.stream_len
     M = (n - cfg.thought.talk_len) * cfg.thought.n_thoughts
-    per = max(1, (cfg.train.chunk_tokens - n) // L)
-    per = min(per, M)
-    cps = math.ceil(M / per)
-    return StepPlan(M, per, cps, cps * cfg.train.batch_size, world)
+    most = min(M, max(1, (cfg.train.chunk_tokens - n) // L))      # streams per chunk that fit
+    best = None
+    for cps in range(math.ceil(M / most), M + 1):
+        per = math.ceil(M / cps)                                     # even chunks of this count
+        cps = math.ceil(M / per)
+        cost = (math.ceil(B * cps / world) * (n + per * L), cps)     # then fewer chunks: less work
+        if best is None or cost < best[0]:
+            best = (cost, per, cps)
+    _, per, cps = best
+    return StepPlan(M, per, cps, cps * B, world)
+
+
+def rollout_units(batch: int, positions: int, world: int) -> list[tuple[int, int, int]]:
+    """The (sequence, first position, end position) units of a step's rollout, in order: whole
+    sequences when there are at least as many as ranks; otherwise each sequence's positions cut
+    into as many even blocks as it takes to give every rank a unit. Rank q takes the q-th run of
+    ceil(units / world) of them (`units_of`)."""
+    blocks = 1 if batch >= world else min(positions, -(-world // batch))
+    size = -(-positions // blocks)
+    return [(s, a, min(a + size, positions)) for s in range(batch) for a in range(0, positions, size)]
+
+
+def units_of(units: list, rank: int, world: int) -> list:
+    """Rank `rank`'s share of `units`: a contiguous run, padded with the last unit (whose result is
+    dropped) so that every rank has as many."""
+    per = -(-len(units) // world)
+    return [units[min(rank * per + j, len(units) - 1)] for j in range(per)]
 
 
 def load_ds_json(path: str) -> dict:

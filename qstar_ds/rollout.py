@@ -45,9 +45,49 @@ def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
     return torch.arange(n - talk_len, device=device)
 
 
+_GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)          # logical, on a signed int64 tensor
+
+
+def splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """int64 -> int64 hash (SplitMix64's output function, wrapping two's-complement arithmetic)."""
+    z = z + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+@dataclass
+class Noise:
+    """Counter-based sampling noise: the uniform number that picks thought token s of thought k
+    at position p of a sequence is a hash of (the sequence's key, p, k, s). It is the same
+    whichever rank, batch or subset of positions computes it, so the rollout can be split over
+    ranks by positions without changing a thought."""
+    keys: torch.Tensor
+    """(B,) int64: one per sequence (`sequence_noise`)."""
+
+    def at(self, anchor: torch.Tensor, r: int, s: int) -> torch.Tensor:
+        """anchor (B, M) positions of the streams (stream m = local position * r + k) -> (B*M, 1)."""
+        k = torch.arange(anchor.shape[1], device=anchor.device) % r
+        h = splitmix64(splitmix64(self.keys.to(anchor.device)[:, None] ^ (anchor * 1024 + k)) ^ s)
+        return (_shift_right(h, 11).double() * 2.0**-53).reshape(-1, 1)
+
+
+def sequence_noise(seed: int, step: int, seqs: list[int], device=None) -> Noise:
+    """The rollout noise of global sequences `seqs` at optimizer step `step`."""
+    base = splitmix64(splitmix64(torch.tensor([seed], dtype=torch.long)) ^ step)
+    return Noise(splitmix64(base ^ torch.tensor(seqs, dtype=torch.long)).to(device))
+
+
 def uniforms(rows: int, generator, device) -> torch.Tensor:
-    """(rows, 1) uniform numbers from `generator`, or from a list of generators, one per equal
-    block of rows (one per batch row): a batch then draws exactly what each row would draw alone."""
+    """(rows, 1) uniform numbers from `generator`; a tensor of them (Noise.at); or a list of
+    generators, one per equal block of rows (one per batch row): a batch then draws exactly what
+    each row would draw alone."""
+    if isinstance(generator, torch.Tensor):
+        return generator.reshape(rows, 1).to(device)
     if isinstance(generator, (list, tuple)):
         per = rows // len(generator)
         return torch.cat([torch.rand(per, 1, generator=g, device=device) for g in generator])
@@ -98,8 +138,9 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
     for s in range(cfg.thought_len):
         layout = layout.extend(s, 1)
         h = model.hidden(tok, layout, cache)                                   # (B, M, H)
+        noise = generator.at(layout.anchor, cfg.n_thoughts, s) if isinstance(generator, Noise) else generator
         tok = fixed[..., s] if fixed is not None else \
-            sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, generator)
+            sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, noise)
         thoughts.append(tok)
     return torch.stack(thoughts, dim=-1), layout
 

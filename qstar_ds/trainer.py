@@ -17,6 +17,7 @@ One optimizer step, on every rank:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,8 +31,8 @@ from .cli import to_yaml
 from .config import Config, ConfigError, ThoughtConfig
 from .cpu_memory import keep_freed_memory
 from .data import SequenceStream, check_source, first_sequences
-from .engine import (apply_optimizer_settings, build_engine, device_type, fill_ds_config, init_distributed, load_ds_json,
-                     plan_step, prepare_zero_init, resolve_dtype, zero_stage)
+from .engine import (apply_optimizer_settings, build_engine, device_type, fill_ds_config, init_distributed,
+                     load_ds_json, plan_step, prepare_zero_init, resolve_dtype, rollout_units, units_of, zero_stage)
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .heldout import flat_metrics, line as heldout_line, sequence_nll, summarize, token_scores, top_positions
@@ -42,7 +43,7 @@ from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, filler_token_id, held, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput
-from .rollout import Rollout, default_positions
+from .rollout import Rollout, default_positions, sequence_noise
 
 TEMPLATE_DIR = "hf_template"
 VIEWER_PAGE = "thoughts.html"
@@ -182,39 +183,54 @@ class Trainer:
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> thoughts (B, M, t), rewards (B, M): every sequence's rollout, computed by its owner
-        rank and all-gathered. A rank's sequences go through the rollout together, in batches of
-        train.rollout_batch, each row with its own generator (the same draws as alone), with the
-        parameters gathered once for all t + 2 forwards (ZeRO-3; see rollout_gathered)."""
-        B = x.shape[0]
-        per_rank = -(-B // self.world)
-        rows = [min(self.rank * per_rank + j, B - 1) for j in range(per_rank)]   # past the end: repeat, dropped
-        positions = default_positions(x.shape[1], self.cfg.thought.talk_len, self.device)
-        size = self.cfg.train.rollout_batch or per_rank
-        th, rw = [], []
-        with self.rollout_params():
-            for a in range(0, per_rank, size):
-                part = rows[a:a + size]
-                gens = [sequence_generator(self.cfg.train.seed, self.step, s, self.device) for s in part]
-                ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[part],
-                                           attention_mask=am[part], positions=positions, generator=gens))
-                th.append(ro.thoughts); rw.append(ro.rewards.float())
-        local = [torch.cat(v) for v in (th, rw)]                                # (per_rank, ...)
-        return tuple(self._gather_rows(v)[:B] for v in local)
+        """-> thoughts (B, M, t), rewards (B, M): the step's rollout cut into units (whole sequences,
+        or blocks of positions when there are more ranks than sequences: engine.rollout_units),
+        each rank rolling out its units and all-gathering the results. The sampling noise is a
+        hash of (sequence, position, thought, token) (rollout.Noise), so no thought depends on
+        the cut or the world size. With the model held gathered (rollout_params), a rank's units
+        of the same positions go through in batches of train.rollout_batch; otherwise one at a
+        time (every rank then runs the same number of forwards, as ZeRO-3's gathers need)."""
+        B, n = x.shape
+        t, r, K = self.cfg.thought.thought_len, self.cfg.thought.n_thoughts, self.cfg.thought.talk_len
+        positions = default_positions(n, K, self.device)
+        units = rollout_units(B, positions.numel(), self.world)
+        mine = units_of(units, self.rank, self.world)
+        width = max(b - a for _, a, b in units) * r
+        th, rw = x.new_zeros(len(mine), width, t), torch.zeros(len(mine), width, device=x.device)
+        hold = self.rollout_params()
+        size = (self.cfg.train.rollout_batch or len(mine)) if hold is not None else 1
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (_, a, b) in enumerate(mine):
+            groups.setdefault((a, b), []).append(j)
+        with hold or contextlib.nullcontext():
+            for (a, b), js in groups.items():
+                for c in range(0, len(js), size):
+                    part = js[c:c + size]
+                    seqs = [mine[j][0] for j in part]
+                    ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[seqs],
+                                               attention_mask=am[seqs], positions=positions[a:b],
+                                               generator=sequence_noise(self.cfg.train.seed, self.step, seqs,
+                                                                        self.device)))
+                    th[part, :(b - a) * r], rw[part, :(b - a) * r] = ro.thoughts, ro.rewards.float()
+        th, rw = (self._gather_rows(v)[:len(units)] for v in (th, rw))          # (units, width, ...)
+        thoughts, rewards = x.new_zeros(B, positions.numel() * r, t), torch.zeros(B, positions.numel() * r,
+                                                                                   device=x.device)
+        for u, (seq, a, b) in enumerate(units):
+            thoughts[seq, a * r:b * r], rewards[seq, a * r:b * r] = th[u, :(b - a) * r], rw[u, :(b - a) * r]
+        return thoughts, rewards
 
     def rollout_params(self):
-        """Context holding the whole model gathered on every rank during the rollout (ZeRO-3),
-        so its t + 2 forwards all-gather the parameters once instead of at every forward;
-        train.rollout_gather=never, or auto on a GPU where the model takes over half the free
-        memory, keeps DeepSpeed's per-forward gathering."""
-        import contextlib
+        """A context holding the whole model gathered on every rank for the rollout (ZeRO-3), so its
+        t + 2 forwards all-gather the parameters once instead of at every forward; None where
+        DeepSpeed gathers per forward: train.rollout_gather=never, ZeRO stage < 3 (nothing to
+        gather), or auto on a GPU where the model takes over half the free memory."""
         mode = self.cfg.train.rollout_gather
         if mode == "never" or zero_stage(self.ds_config) != 3:
-            return contextlib.nullcontext()
+            return None
         if mode == "auto" and self.device_type == "cuda":
             need = sum(p.ds_numel * p.element_size() for p in self.model.parameters() if hasattr(p, "ds_numel"))
             if need > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
-                return contextlib.nullcontext()
+                return None
         return held(self.model.parameters())
 
     def _gather_rows(self, v: torch.Tensor) -> torch.Tensor:
@@ -322,10 +338,11 @@ class Trainer:
         self.engine.eval()
         parts: dict[str, list] = {}
         bar = progress(-(-per_rank // bs), 0, desc="held-out eval", unit="batch")
-        for a in range(0, per_rank, bs):
-            for k, v in self._score(cfg, ids, mask, mine[a:a + bs], positions).items():
-                parts.setdefault(k, []).append(v)
-            bar.update(1)
+        with self.rollout_params() or contextlib.nullcontext():
+            for a in range(0, per_rank, bs):
+                for k, v in self._score(cfg, ids, mask, mine[a:a + bs], positions).items():
+                    parts.setdefault(k, []).append(v)
+                bar.update(1)
         bar.close()
         self.engine.train()
         full = self._gather_sequences({k: torch.cat(v) for k, v in parts.items()}, D)   # (D, P) each

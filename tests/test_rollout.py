@@ -120,3 +120,27 @@ def test_positions_and_errors():
         rollout(model, cfg, x, am, positions=torch.tensor([8], device=DEVICE))
     with pytest.raises(ValueError, match="shorter than talk_len"):
         rollout(model, cfg, x[:, :3], am[:, :3])
+
+
+def test_counter_noise_gives_the_same_thoughts_whatever_the_cut():
+    """rollout.Noise: a batch, each sequence alone, and each half of the positions alone sample
+    the same thoughts (what lets the trainer split a step's rollout over ranks)."""
+    from qstar_ds.rollout import sequence_noise
+    model, tok = make_model("llama", dtype=torch.float64)
+    cfg = cfg_for(thought_len=3, n_thoughts=2, talk_len=2)
+    x, am = random_batch(12, 2, len(tok) - 2, "both")
+    pos = torch.arange(10, device=DEVICE)
+    whole = rollout(model, cfg, x, am, pos, generator=sequence_noise(0, 5, [0, 1], DEVICE))
+    for s in (0, 1):
+        alone = rollout(model, cfg, x[s:s + 1], am[s:s + 1], pos, generator=sequence_noise(0, 5, [s], DEVICE))
+        assert torch.equal(alone.thoughts[0], whole.thoughts[s]), f"sequence {s} alone differs"
+        for a, b in ((0, 4), (4, 10)):
+            part = rollout(model, cfg, x[s:s + 1], am[s:s + 1], pos[a:b], generator=sequence_noise(0, 5, [s], DEVICE))
+            assert torch.equal(part.thoughts[0], whole.thoughts[s, a * 2:b * 2]), f"sequence {s} positions {a}..{b}"
+            torch.testing.assert_close(part.rewards[0], whole.rewards[s, a * 2:b * 2], rtol=1e-10, atol=1e-10)
+    other = rollout(model, cfg, x, am, pos, generator=sequence_noise(0, 6, [0, 1], DEVICE))
+    assert not torch.equal(other.thoughts, whole.thoughts)              # another step, other thoughts
+    # the noise is uniform: 20000 draws, mean 1/2 and variance 1/12 within 4 standard errors
+    u = sequence_noise(3, 1, list(range(100)), DEVICE).at(torch.arange(100, device=DEVICE).repeat(100, 2), 2, 0)
+    assert abs(u.mean().item() - 0.5) < 4 * (1 / 12 / u.numel()) ** 0.5
+    assert abs(u.var().item() - 1 / 12) < 0.005 and 0 <= u.min() and u.max() < 1

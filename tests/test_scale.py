@@ -30,3 +30,28 @@ def test_held_batched_rollout_gives_the_update_of_one_sequence_at_a_time(tmp_pat
     held = run_worker(tmp_path, "held", 2, {})
     alone = run_worker(tmp_path, "alone", 2, {"train.rollout_batch": 1, "train.rollout_gather": "never"})
     assert_same_update(held["init"], held["final"], alone["final"])
+
+
+def test_more_ranks_than_sequences_split_the_rollout_by_positions_with_the_same_update(tmp_path):
+    """batch 1 on 2 ranks: each rank rolls out half of the sequence's positions and learns half of
+    its streams (no idle rank), and the update is the one-rank update."""
+    one = run_worker(tmp_path, "one", 1, {"train.batch_size": 1})
+    two = run_worker(tmp_path, "two", 2, {"train.batch_size": 1})
+    assert_same_update(one["init"], one["final"], two["final"])
+
+
+def test_the_paper_run_wastes_under_5_percent_of_micro_steps_at_8_64_and_512_gpus():
+    from qstar_ds.cli import parse_args
+    from qstar_ds.engine import plan_step, rollout_units, units_of
+    cfg, _ = parse_args(["--preset", "mistral7b_owm"])
+    P = cfg.data.seq_len - cfg.thought.talk_len
+    for world in (8, 64, 512):
+        plan = plan_step(cfg, world)
+        assert plan.wasted < 0.05, (world, plan)
+        units = rollout_units(cfg.train.batch_size, P, world)
+        slots = -(-len(units) // world) * world
+        assert 1 - len(units) / slots < 0.05, (world, len(units))           # ranks without a rollout unit
+        dealt = [u for q in range(world) for u in units_of(units, q, world)]
+        assert sorted(set(dealt)) == sorted(units)                          # every unit dealt
+        covered = {(s, p) for s, a, b in units for p in range(a, b)}
+        assert covered == {(s, p) for s in range(cfg.train.batch_size) for p in range(P)}

@@ -19,8 +19,7 @@ from qstar_ds.engine import lr_lambda
 from qstar_ds.hub import build_base
 from qstar_ds.learn import learn_pass
 from qstar_ds.model import QuietStarModel
-from qstar_ds.rollout import default_positions, rollout
-from qstar_ds.trainer import sequence_generator
+from qstar_ds.rollout import default_positions, rollout, sequence_noise
 
 from helpers import COMMON, assert_same_update, run_worker
 
@@ -41,7 +40,7 @@ def reference_run(init: dict, overrides: dict) -> dict:
         x, am = stream.next_batch(cfg.train.batch_size)
         pos = default_positions(x.shape[1], cfg.thought.talk_len)
         ros = [rollout(model, cfg.thought, x[s:s + 1], am[s:s + 1], pos,
-                       sequence_generator(cfg.train.seed, step, s, "cpu")) for s in range(x.shape[0])]
+                       sequence_noise(cfg.train.seed, step, [s], "cpu")) for s in range(x.shape[0])]
         thoughts = torch.cat([r.thoughts for r in ros])
         rewards = torch.cat([r.rewards for r in ros])
         anchor = torch.cat([r.anchor for r in ros])
