@@ -135,7 +135,7 @@ BACKENDS["split"] = split_attention
 
 # ---- FlexAttention (block-sparse; GPUs) ----------------------------------------------------
 _compiled_flex = None
-FLEX_MIN_HEAD_DIM = 16      # torch 2.11's Triton templates: "NYI: embedding dimension ... at least 16"
+FLEX_MIN_HEAD_DIM = 16      # FlexAttention's Triton templates: "NYI: embedding dimension ... at least 16"
 
 
 def _flex_fn(device: torch.device):
@@ -181,9 +181,8 @@ BACKENDS["flex"] = flex_attention_backend
 
 AUTO_NOTE = {
     "cpu": "split: torch has no FlexAttention backward on CPU",
-    "cuda": "split: measured faster than flex on an H200 (torch 2.11, SmolLM2-360M shape, bf16, batch 4: "
-            "step 0.85-1.07 s vs 2.40-2.59 s; flex recompiles for every rollout step's key length and its "
-            "forward took 13 ms per layer on the 4 x 6808-token learn layout)",
+    "cuda": "split: measured faster than flex on GPU; flex recompiles for every rollout step's key length "
+            "(docs/PERFORMANCE.md)",
 }
 
 

@@ -75,7 +75,7 @@ class ThoughtConfig:
     O(S^2) mask), split (base-prefix product + per-stream block, no (S, S) tensor; CPU and GPU),
     flex (FlexAttention block-sparse; GPU only for training: torch has no FlexAttention backward
     on CPU; float32/bfloat16, head_dim >= 16) or auto (split on every device: measured faster than
-    flex on an H200; the choice and its reason are logged)."""
+    flex on GPU, docs/PERFORMANCE.md; the choice and its reason are logged)."""
     loss_chunk_tokens: int = 0
     """> 0: log-probs over the vocabulary are computed this many tokens at a time and recomputed
     in backward, so no (all tokens x vocabulary) tensor is ever alive. 0: in one piece."""
@@ -355,7 +355,7 @@ PRESETS: dict[str, dict] = {
         # thoughts sampled at 0.5 are the setting of README "Does it learn?".
         "thought": {"thought_len": 8, "n_thoughts": 2, "talk_len": 4, "beta": 10.0, "mixing_lr_mult": 30.0,
                     "temperature": 0.5,
-                    # on CPU the split backend and the chunked loss are ~2x faster than dense (tools/bench.py)
+                    # on CPU the split backend and the chunked loss are faster than dense (docs/PERFORMANCE.md)
                     "attention_backend": "split", "loss_chunk_tokens": 512},
         "optim": {"lr": 1e-5, "warmup_steps": 10},
         "train": {"max_steps": 30, "batch_size": 1, "chunk_tokens": 2048, "save_every": 10,

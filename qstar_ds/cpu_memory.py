@@ -2,12 +2,8 @@
 
 PyTorch's CPU allocator is plain malloc. glibc serves an allocation above its mmap threshold
 (adjusted at run time, never above 32 MiB) with a fresh mmap and unmaps it on free, so every
-activation-sized tensor (5336 packed tokens x 1536 floats = 33 MB in the SmolLM2-shaped
-Quiet-STaR step) comes back as new pages that the kernel must zero and fault in on first touch,
-at every layer of every step. Measured on tools/bench.py's SmolLM2 shape, thought_len 16, split
-backend, this CPU: the learn pass forward 11.5-15.3 s with glibc's defaults, 8.3 s with large
-blocks kept in the heap; the whole step 39-44 s -> 34 s; the dense reference 83-94 s -> 85 s;
-peak RSS unchanged (11.4 vs 11.3 GiB).
+activation-sized tensor of a Quiet-STaR step comes back as new pages that the kernel must zero
+and fault in on first touch, at every layer of every step (measured cost: docs/PERFORMANCE.md).
 
 keep_freed_memory() sets a fixed mmap threshold of 1 GiB (blocks below it come from the heap
 and are reused after free) and a trim threshold of 2 GiB (free memory at the top of the heap is

@@ -236,8 +236,8 @@ class Layout:
             make = create_block_mask
             if torch.device(device).type == "cuda":
                 # eager create_block_mask evaluates mask_mod over the whole (B, n_q, n_k) grid
-                # with int64 temporaries (1.5 GB each for 4 x 6808 packed tokens); compiled, it
-                # is one fused kernel (4 ms for that layout on an H200)
+                # with int64 temporaries (GBs for a SmolLM2-360M learn layout); compiled, it is
+                # one fused kernel (docs/PERFORMANCE.md)
                 make = _compiled_create_block_mask()
             self._memo[key] = make(mask_mod, B, None, n_q, n_k, device=device)
         return self._memo[key]

@@ -110,7 +110,7 @@ class Trainer:
         if cfg.model.mixing_init_std > 0:
             randomize_mixing_head(model, cfg.model.mixing_init_std, cfg.train.seed)
         if cfg.model.gradient_checkpointing:
-            if hasattr(base, "activation_checkpointing_enable"):   # transformers >= 5.2x
+            if hasattr(base, "activation_checkpointing_enable"):   # newer transformers; older: the else branch
                 base.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
