@@ -186,7 +186,7 @@ AUTO_NOTE = {
 }
 
 
-def resolve_backend(name: str, device_type: str) -> str:
+def resolve_backend(name: str) -> str:
     """"auto" -> split on every device, for the reasons in AUTO_NOTE (flex stays an explicit choice:
     equal to dense in values and gradients on CUDA, float32/bfloat16, head_dim >= 16)."""
     return "split" if name == "auto" else name

@@ -7,7 +7,7 @@ with one line naming the key and the value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -112,10 +112,6 @@ class ThoughtConfig:
     @property
     def policy_temperature(self) -> float:
         return self.temperature if self.reinforce_temperature is None else self.reinforce_temperature
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass

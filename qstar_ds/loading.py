@@ -133,5 +133,5 @@ def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loade
     from .attention import resolve_backend
     check_model_arg(args)
     loaded = load_model(args.model, getattr(torch, args.dtype), device or args.device, args.gguf_file)
-    args.attention_backend = resolve_backend(args.attention_backend, loaded.device.type)
+    args.attention_backend = resolve_backend(args.attention_backend)
     return loaded

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from . import attention
 from .layout import Layout
+from .logprobs import chunked_token_logprobs, token_logprobs
 
 SOT_TOKEN = "<|startofthought|>"
 EOT_TOKEN = "<|endofthought|>"
@@ -74,7 +75,7 @@ def held(params):
 
 
 class ChunkedLogprobHead(nn.Module):
-    """Log-probs of targets under the output head, computed in chunks (losses.chunked_token_logprobs).
+    """Log-probs of targets under the output head, computed in chunks (logprobs.chunked_token_logprobs).
     A module of its own so that, under ZeRO-3, the output weight it reads directly can be
     registered as its external parameter and gathered for its forward."""
 
@@ -84,7 +85,6 @@ class ChunkedLogprobHead(nn.Module):
         self.register_buffer("masked", torch.tensor(masked_ids, dtype=torch.long), persistent=False)
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-        from .losses import chunked_token_logprobs
         head = self._lm_head[0]
         return chunked_token_logprobs(h, head.weight, head.bias, targets, self.masked.to(h.device),
                                       temperature, chunk)
@@ -257,21 +257,13 @@ class QuietStarModel(nn.Module):
                        "sot_id": self.sot_id, "eot_id": self.eot_id,
                        "hidden_size": self.base.config.hidden_size, **(extra or {})}, f, indent=2)
 
-    def forward(self, *, mode: str = "learn", **kwargs) -> dict:
-        """Entry point for a wrapping engine (DeepSpeed): mode "learn" runs learn.learn_pass,
-        "rollout" runs rollout.rollout, "base" learn.base_pass (thought.mode=off), with `kwargs` as their arguments after `model`. Returns
-        the result's fields as a plain dict, the output type whose tensors DeepSpeed's ZeRO-3
-        hooks can find (rebuild with LearnOutput(**d) / Rollout(**d))."""
-        if mode == "learn":
-            from .learn import learn_pass
-            return dict(vars(learn_pass(self, **kwargs)))
-        if mode == "rollout":
-            from .rollout import rollout
-            return dict(vars(rollout(self, **kwargs)))
-        if mode == "base":
-            from .learn import base_pass
-            return dict(vars(base_pass(self, **kwargs)))
-        raise ValueError(f"unknown mode {mode!r}; expected 'learn', 'rollout' or 'base'")
+    def forward(self, *, fn, **kwargs) -> dict:
+        """Entry point for a wrapping engine (DeepSpeed): runs the pass `fn(self, **kwargs)`
+        (rollout.rollout, learn.learn_pass, learn.base_pass) and returns its result's fields as a
+        plain dict, the output type whose tensors DeepSpeed's ZeRO-3 hooks can find (rebuild
+        with Rollout(**d) / LearnOutput(**d)). The passes are handed in, not imported: they
+        build on this module."""
+        return dict(vars(fn(self, **kwargs)))
 
     # ---- pieces used by rollout / learn -------------------------------------------------
     @property
@@ -318,7 +310,6 @@ class QuietStarModel(nn.Module):
         `chunk` with recomputation in backward when chunk > 0."""
         if chunk > 0:
             return self.chunked_logprobs(h, targets, temperature, chunk)
-        from .losses import token_logprobs
         return token_logprobs(self.logits(h), targets, temperature)
 
     def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ import torch
 
 from .config import ThoughtConfig
 from .layout import Layout
-from .learn import talk_logprobs, talk_targets
 from .losses import compute_rewards, stream_validity
+from .talk import talk_logprobs, talk_targets
 
 
 @dataclass

@@ -42,8 +42,8 @@ from .viewer import page_data, render
 from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, filler_token_id, held, randomize_mixing_head
 from .preemption import Preemption
-from .learn import LearnOutput
-from .rollout import Rollout, default_positions, sequence_noise
+from .learn import LearnOutput, base_pass, learn_pass
+from .rollout import Rollout, default_positions, rollout, sequence_noise
 
 TEMPLATE_DIR = "hf_template"
 VIEWER_PAGE = "thoughts.html"
@@ -79,7 +79,7 @@ class Trainer:
         self.preempt = Preemption(self.device)
         self.preempted_by = None
         requested = cfg.thought.attention_backend
-        cfg.thought.attention_backend = resolve_backend(requested, self.device_type)
+        cfg.thought.attention_backend = resolve_backend(requested)
         self.backend_note = "" if requested != "auto" else \
             f" (auto on {self.device_type} -> {auto_note(self.device_type)})"
         ckpt.check_output_dir(cfg.train.output_dir, self.rank)     # bad paths and data fail before the model loads
@@ -207,7 +207,7 @@ class Trainer:
                 for c in range(0, len(js), size):
                     part = js[c:c + size]
                     seqs = [mine[j][0] for j in part]
-                    ro = Rollout(**self.engine(mode="rollout", cfg=self.cfg.thought, input_ids=x[seqs],
+                    ro = Rollout(**self.engine(fn=rollout, cfg=self.cfg.thought, input_ids=x[seqs],
                                                attention_mask=am[seqs], positions=positions[a:b],
                                                generator=sequence_noise(self.cfg.train.seed, self.step, seqs,
                                                                         self.device)))
@@ -256,8 +256,8 @@ class Trainer:
         """The learn micro-step of streams a..b of sequence `seq` (off mode: its base NLL)."""
         one = dict(cfg=self.cfg.thought, input_ids=x[seq:seq + 1], attention_mask=am[seq:seq + 1], norm=norm)
         if self.cfg.thought.mode == "off":
-            return LearnOutput(**self.engine(mode="base", **one))
-        return LearnOutput(**self.engine(mode="learn", anchor=anchor[seq:seq + 1, a:b],
+            return LearnOutput(**self.engine(fn=base_pass, **one))
+        return LearnOutput(**self.engine(fn=learn_pass, anchor=anchor[seq:seq + 1, a:b],
                                          thoughts=thoughts[seq:seq + 1, a:b], rewards=rewards[seq:seq + 1, a:b],
                                          base_loss=(a == 0), **one))
 
@@ -362,13 +362,13 @@ class Trainer:
         x, am = ids[rows], mask[rows]
         mode, t = self.cfg.thought.mode, cfg.thought_len
         if mode == "off":
-            base_logp = LearnOutput(**self.engine(mode="base", cfg=cfg, input_ids=x, attention_mask=am)).base_logp
+            base_logp = LearnOutput(**self.engine(fn=base_pass, cfg=cfg, input_ids=x, attention_mask=am)).base_logp
             anchor = positions[None].expand(len(rows), -1)                       # (b, P)
             sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
                               cfg.talk_len)
             return {**sc, "thoughts": x.new_zeros(*anchor.shape, t)}
         fixed = x.new_full((len(rows), positions.numel(), t), self.filler_id) if mode == "filler" else None
-        ro = Rollout(**self.engine(mode="rollout", cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
+        ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
                                    generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.device),
                                    base_logprobs=True, thoughts=fixed))
         return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}

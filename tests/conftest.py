@@ -10,6 +10,26 @@ from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
 DEVICE = os.environ.get("QSTAR_TEST_DEVICE", "cpu")
 
 
+# `dist`: tests that start other processes (launchers and ranks, the trainer, the CLIs, a browser).
+# `python -m pytest -m "not slow and not dist" tests` is the quick in-process subset for the
+# edit-test loop (README "Tests").
+DIST_MODULES = {"test_cli", "test_cluster", "test_cpu_memory", "test_experiment", "test_faults", "test_hub",
+                "test_modes", "test_show_thoughts", "test_trainer"}
+LAUNCHES = ("subprocess.", "launch(", "run_worker(", "_evaluate(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        if module in DIST_MODULES or any(m in source for m in LAUNCHES):
+            item.add_marker(pytest.mark.dist)
+
+
 def pytest_sessionstart(session):
     """Build DeepSpeed's CPU extensions once, before any test launches ranks (~1 min the first
     time, then cached in TORCH_EXTENSIONS_DIR; two ranks building at once would wait on a lock)."""
@@ -28,10 +48,6 @@ def gen(seed: int) -> torch.Generator:
     """A seeded generator on the test device (sampling draws its noise there)."""
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
-
-@pytest.fixture(scope="session")
-def tokenizer_factory():
-    return tiny_tokenizer
 
 
 def make_model(arch: str, dtype=torch.float64, seed: int = 0, randomize: bool = True, **kw):

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from qstar_ds.cli import parse_args  # noqa: E402
-from qstar_ds.rollout import Rollout, default_positions, sequence_noise  # noqa: E402
+from qstar_ds.rollout import Rollout, default_positions, rollout, sequence_noise  # noqa: E402
 from qstar_ds.trainer import Trainer  # noqa: E402
 
 GATHERED = [0]
@@ -48,7 +48,7 @@ def one_sequence_at_a_time(tr: Trainer, x, am):
     th, rw = [], []
     for j in range(per_rank):
         seq = min(tr.rank * per_rank + j, B - 1)
-        ro = Rollout(**tr.engine(mode="rollout", cfg=tr.cfg.thought, input_ids=x[seq:seq + 1],
+        ro = Rollout(**tr.engine(fn=rollout, cfg=tr.cfg.thought, input_ids=x[seq:seq + 1],
                                  attention_mask=am[seq:seq + 1], positions=positions,
                                  generator=sequence_noise(tr.cfg.train.seed, tr.step, [seq], tr.device)))
         th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float())

@@ -265,7 +265,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(reference, cop
     same = tmp_path / "same"
     shutil.copytree(copy, same)
     res = launch([TRAIN] + BASE + ["--output_dir", str(copy), "--max_steps", str(STEPS + 2)], nproc=2)
-    assert f"was written by 1 rank(s), now 2: loading its universal form" in res.stdout + res.stderr
+    assert "was written by 1 rank(s), now 2: loading its universal form" in res.stdout + res.stderr
     assert (ckpt(copy, STEPS) / "universal" / "COMPLETE").exists()
     alone = run(["--max_steps", str(STEPS + 2)], same)
     assert alone.returncode == 0, alone.stderr[-3000:]

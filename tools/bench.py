@@ -92,7 +92,7 @@ def worker(args) -> dict:
     am = torch.ones_like(x)
     from qstar_ds.attention import resolve_backend
     fast = args.mode == "fast"
-    backend = resolve_backend(args.backend, dev.type) if fast else "dense"
+    backend = resolve_backend(args.backend) if fast else "dense"
     cfg = ThoughtConfig(thought_len=p["t"], n_thoughts=p["r"], talk_len=p["K"],
                         attention_backend=backend, loss_chunk_tokens=1024 if fast else 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
