@@ -8,7 +8,7 @@
 # Expects transformers' wheel in .whl/ when the machine's transformers is older than ours.
 # Logs go to $OUT (they come back even when a step times out).
 set -u
-. tools/gpu_env.sh
+. tools/gpu/env.sh
 O="${OUT:-.}"
 { nvidia-smi -L; python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$O/env.txt"
 QSTAR_TEST_DEVICE=cuda timeout 170 python3 -m pytest -v -rf -p no:cacheprovider tests/test_backends.py 2>&1 \

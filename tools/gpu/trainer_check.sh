@@ -3,7 +3,7 @@
 # train the debug preset 4 steps with checkpoints, resume to 6, export; then the SmolLM2-shaped
 # core step timings. Wheels for packages the GPU image lacks travel in .whl/.
 set -u
-. tools/gpu_env.sh
+. tools/gpu/env.sh
 export PYTHONWARNINGS=ignore
 out=${OUT:-/tmp}
 python3 - <<'PY'
