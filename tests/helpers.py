@@ -63,3 +63,15 @@ def assert_same_update(init: dict, a: dict, b: dict, tol: float = 1e-3) -> None:
     assert moved == len(a), "every parameter must move, or the comparison proves nothing"
 
 
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """torch.equal(a, b), failing with what differs: the shapes, or how many entries and the first."""
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}")
+    if torch.equal(a, b):
+        return
+    diff = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
+    first = tuple(diff.nonzero()[0].tolist())
+    raise AssertionError(f"{what}: {int(diff.sum())} of {a.numel()} entries differ; first at {first}: "
+                         f"{a[first].item()} vs {b[first].item()}")

@@ -9,6 +9,7 @@ from qstar_ds.learn import learn_pass
 from qstar_ds.rollout import rollout
 
 from conftest import DEVICE, gen, make_model, random_batch, random_thoughts
+from helpers import assert_equal
 
 FAST = [b for b in BACKENDS if b != "dense"]
 
@@ -83,7 +84,7 @@ def test_rollout_backend_equals_dense(backend):
     for b in ("dense", backend):
         cfg = ThoughtConfig(thought_len=4, n_thoughts=2, talk_len=3, attention_backend=b)
         ros[b] = rollout(model, cfg, x, am, generator=gen(3))
-    assert torch.equal(ros["dense"].thoughts, ros[backend].thoughts)
+    assert_equal(ros["dense"].thoughts, ros[backend].thoughts, "ros['dense'].thoughts")
     v = ros["dense"].valid
     torch.testing.assert_close(ros[backend].talk_logp[v], ros["dense"].talk_logp[v], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ros[backend].rewards, ros["dense"].rewards, rtol=1e-10, atol=1e-10)

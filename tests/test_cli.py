@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, SGD_JSON, launch
+from helpers import ROOT, SGD_JSON, assert_equal, free_port, launch
 
 TRAIN = os.path.join(ROOT, "qstar_ds", "train.py")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -91,7 +91,7 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
     assert sorted(ref) == list(range(1, 31))
 
     # the same run, killed with SIGKILL (launcher and both ranks) once step 10 is logged
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29877",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            TRAIN] + common + ["--output_dir", str(run_dir)]
     proc = subprocess.Popen(cmd, env=dict(ENV, PYTHONWARNINGS="ignore"), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,7 +124,7 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
     # pre-emption: SIGUSR1 to rank 1 only -> both ranks stop after the same step, save it, exit 0
     import psutil
     pre_dir = tmp_path / "pre"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29879",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            TRAIN] + common + ["--output_dir", str(pre_dir)]
     proc = subprocess.Popen(cmd, env=dict(ENV, PYTHONWARNINGS="ignore"), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -175,7 +175,7 @@ def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
         want = state[name].clone()
         if name == "base.model.embed_tokens.weight":   # save writes the learned marker vectors there
             want[[model.sot_id, model.eot_id]] = state["thought_embedding.weight"]
-        assert torch.equal(p, want), name
+        assert_equal(p, want, name)
     assert torch.count_nonzero(model.mixing_head.net[-1].weight) > 0   # trained, not re-initialised
     assert tok.convert_tokens_to_ids("<|startofthought|>") == model.sot_id
 

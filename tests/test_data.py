@@ -9,6 +9,7 @@ from qstar_ds.data import SequenceStream, arith_document
 from qstar_ds.tiny import tiny_tokenizer
 
 from conftest import shared_file
+from helpers import assert_equal
 
 def test_arith_corpus_is_deterministic_and_varied():
     assert arith_document(0, 5) == arith_document(0, 5)
@@ -27,7 +28,8 @@ def test_resume_continues_at_the_exact_next_sequence(pack):
     rest = a.next_batch(4)
     b = SequenceStream(tok, "arith", n, pack=pack, state=state)
     again = b.next_batch(4)
-    assert torch.equal(rest[0], again[0]) and torch.equal(rest[1], again[1])
+    assert_equal(rest[0], again[0], "resumed ids")
+    assert_equal(rest[1], again[1], "resumed mask")
     assert not torch.equal(first[0][:1], rest[0][:1])
     if pack:
         assert bool(rest[1].all())
@@ -98,7 +100,7 @@ def test_a_huge_document_streams_in_pieces_with_a_small_resumable_state(tmp_path
     rest = a.next_batch((len(whole) + len(short) + 2) // 64 - len(got) // 64)   # into the next document
     b = SequenceStream(tok, str(path), 64, state=json.loads(state))
     again = b.next_batch(rest[0].shape[0])
-    assert torch.equal(rest[0], again[0])
+    assert_equal(rest[0], again[0], "rest[0]")
     assert (got + rest[0].flatten().tolist())[:len(whole) + 1] == whole + [tok.eos_token_id]
     crop = SequenceStream(tok, str(path), 64, pack=False).next_sequence()[0]
     assert crop == whole[:64]
@@ -116,7 +118,7 @@ def test_a_checkpoint_with_the_older_token_buffer_still_resumes():
                                 + 1 - new["offset"])}
     want = a.next_batch(5)
     got = SequenceStream(tok, "arith", 40, state=legacy).next_batch(5)
-    assert torch.equal(want[0], got[0])
+    assert_equal(want[0], got[0], "want[0]")
 
 
 def test_large_local_files_are_streamed_with_the_same_documents(tmp_path, monkeypatch):
@@ -133,6 +135,6 @@ def test_large_local_files_are_streamed_with_the_same_documents(tmp_path, monkey
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k.get("streaming")) or load(*a, **k))
     monkeypatch.setattr(data, "STREAM_BYTES", 0)
     streamed = SequenceStream(tok, str(path), 32)
-    assert torch.equal(streamed.next_batch(6)[0], want[0])
-    assert torch.equal(SequenceStream(tok, str(path), 32, state=state).next_batch(6)[0], want_next[0])
+    assert_equal(streamed.next_batch(6)[0], want[0], "streamed.next_batch(6)[0]")
+    assert_equal(SequenceStream(tok, str(path), 32, state=state).next_batch(6)[0], want_next[0], "resumed streamed ids")
     assert calls == [True, True]          # read as a stream (no converted copy), resumed by skipping rows

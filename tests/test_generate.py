@@ -11,6 +11,7 @@ from qstar_ds.learn import learn_pass
 from qstar_ds.reference import _embed, _mix_weight, attn_implementation
 
 from conftest import DEVICE, gen, make_model
+from helpers import assert_equal
 
 
 def prompts(tok):
@@ -54,7 +55,7 @@ def test_generation_distribution_equals_reference_and_learn_pass(arch, backend):
             prefix = prompt + g.tokens[b, :j].tolist()
             ref = reference_logprobs(model, prefix, g.thoughts[b, j].tolist())
             finite = torch.isfinite(ref)
-            assert torch.equal(finite, torch.isfinite(g.scores[b, j]))
+            assert_equal(finite, torch.isfinite(g.scores[b, j]), "finite")
             torch.testing.assert_close(g.scores[b, j][finite].double(), ref[finite], rtol=0, atol=1e-8)
     # the learn pass's talk distribution for the same prefix and the same thought (K = 1)
     x = torch.cat([ids, g.tokens], 1)
@@ -77,7 +78,7 @@ def test_thoughts_off_equals_hf_generate():
                              output_scores=True, return_dict_in_generate=True)
     cfg = ThoughtConfig(thought_len=2, attention_backend="split")
     ours = generate(model, ids, am, cfg, GenerateConfig(max_new_tokens=8, thoughts=False), return_scores=True)
-    assert torch.equal(ours.tokens, hf.sequences[:, ids.shape[1]:])
+    assert_equal(ours.tokens, hf.sequences[:, ids.shape[1]:], "ours.tokens, hf.sequences[:")
     assert not bool(ours.thought_mask.any()) and ours.thoughts is None
     for j, s in enumerate(hf.scores):
         ref = torch.log_softmax(s.double().index_fill(-1, torch.tensor([model.sot_id, model.eot_id]),
@@ -117,7 +118,8 @@ def test_think_threshold():
                         return_scores=True)
 
     always, zero = run(), run(think_threshold=0.0)
-    assert torch.equal(always.tokens, zero.tokens) and always.think_rate == 1.0
+    assert_equal(always.tokens, zero.tokens, "tokens (always think vs threshold 0)")
+    assert always.think_rate == 1.0
     never, off = run(think_threshold=1e9), run(thoughts=False)
     assert never.think_rate == 0.0 and torch.equal(never.tokens, off.tokens)
     torch.testing.assert_close(never.scores, off.scores, rtol=0, atol=0)
@@ -127,7 +129,7 @@ def test_think_threshold():
     mid = run(think_threshold=thr)
     assert 0.0 < mid.think_rate < 1.0
     first = ent[:, 0] >= thr
-    assert torch.equal(mid.thought_mask[:, 0], first)
+    assert_equal(mid.thought_mask[:, 0], first, "mid.thought_mask[:, 0]")
     # where it did not think, the distribution is the base one
     base_first = off.scores[:, 0]
     torch.testing.assert_close(mid.scores[~first, 0], base_first[~first], rtol=0, atol=0)
@@ -157,7 +159,7 @@ def test_stop_strings():
     L = int(g.lengths[0])
     assert L <= 4 and stop in tok.decode(g.tokens[0, :L].tolist())
     assert stop not in tok.decode(g.tokens[0, :L - 1].tolist())
-    assert torch.equal(g.tokens[0, :L], free.tokens[0, :L])
+    assert_equal(g.tokens[0, :L], free.tokens[0, :L], "g.tokens[0, :L], free.tokens[0")
 
 
 def test_generate_cli_shows_thoughts_and_speed():

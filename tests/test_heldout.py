@@ -13,6 +13,7 @@ from qstar_ds.rollout import default_positions, rollout
 from qstar_ds.tiny import tiny_tokenizer
 
 from conftest import gen, make_model, random_batch
+from helpers import assert_equal
 
 
 def scores(model, cfg, x, am, seed=0):
@@ -107,7 +108,7 @@ def test_heldout_split_is_disjoint_and_resumable():
     a = SequenceStream(tok, "arith", 16, holdout=0.2)
     a.next_batch(3)
     b = SequenceStream(tok, "arith", 16, holdout=0.2, state=a.state())
-    assert torch.equal(a.next_batch(4)[0], b.next_batch(4)[0])
+    assert_equal(a.next_batch(4)[0], b.next_batch(4)[0], "a.next_batch(4)[0]")
 
 
 def test_evaluate_nll_task(tmp_path, capsys):

@@ -4,6 +4,7 @@ import itertools
 import torch
 
 from qstar_ds.layout import BASE, Layout, base_positions
+from helpers import assert_equal
 
 
 def brute_visible(lay: Layout) -> torch.Tensor:
@@ -26,7 +27,7 @@ def test_packed_visibility_matches_brute_force():
     anchor = torch.tensor([[1, 1, 3], [0, 2, 5]])
     lay = Layout.packed(valid, anchor, stream_len=3)
     assert lay.visible().shape == (2, 6 + 9, 6 + 9)
-    assert torch.equal(lay.visible(), brute_visible(lay))
+    assert_equal(lay.visible(), brute_visible(lay), "lay.visible()")
 
 
 def test_rollout_steps_match_brute_force_and_packed_order():
@@ -35,7 +36,7 @@ def test_rollout_steps_match_brute_force_and_packed_order():
     lay = Layout.base_only(valid).with_streams(anchor)
     for s, m in [(0, 1), (1, 1), (2, 3)]:
         lay = lay.extend(s, m)
-        assert torch.equal(lay.visible(), brute_visible(lay))
+        assert_equal(lay.visible(), brute_visible(lay), "lay.visible()")
     # the keys of the step-major cache are a permutation of the packed stream-major keys
     packed = Layout.packed(valid, anchor, stream_len=5)
     step_tags = sorted(zip(lay.k_stream.tolist(), lay.k_idx.tolist()))

@@ -11,6 +11,7 @@ from qstar_ds.model import EOT_TOKEN, INIT_TEXT, SOT_TOKEN, QuietStarModel, load
 from qstar_ds.tiny import tiny_causal_lm, tiny_tokenizer
 
 from conftest import make_model, random_batch, random_thoughts
+from helpers import assert_equal
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -28,8 +29,9 @@ def test_thought_tokens_added_and_initialised_from_dashes(tie):
     assert emb.shape[0] == n_before + 2 and out.shape[0] == n_before + 2
     assert (out is emb) == tie
     for w in (emb, out):
-        assert torch.equal(w[model.sot_id], w[dash]) and torch.equal(w[model.eot_id], w[dash])
-    assert torch.equal(model.thought_embeds, emb[[dash, dash]])
+        assert_equal(w[model.sot_id], w[dash], "<sot> row")
+        assert_equal(w[model.eot_id], w[dash], "<eot> row")
+    assert_equal(model.thought_embeds, emb[[dash, dash]], "model.thought_embeds, emb[[dash")
     last = model.mixing_head.net[-1]
     assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
     # wrapping twice (e.g. a loaded tokenizer) does not add the tokens again
@@ -57,7 +59,7 @@ def test_at_initialisation_mixed_equals_base(arch):
         h = model.hidden(x, Layout.base_only(am.bool()))
         hb = h.gather(1, idx.flatten(1)[..., None].expand(-1, -1, h.shape[-1])).view(*idx.shape, -1)
         mixed, w = model.mix(hb, hb + 1.0)
-        assert torch.equal(mixed, hb)                                           # exactly the base state
+        assert_equal(mixed, hb, "mixed")                                           # exactly the base state
         # and equal to the plain HF model's log-probs (its vocabulary has no markers)
         ref = torch.log_softmax(plain(input_ids=x).logits, -1)[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(out.base_logp, ref, rtol=0, atol=1e-12)
@@ -91,7 +93,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert torch.count_nonzero(loaded.mixing_head.net[-1].weight) > 0      # not re-initialised
     emb = loaded.base.get_input_embeddings().weight
-    assert torch.equal(emb[[loaded.sot_id, loaded.eot_id]], model.thought_embeds)
+    assert_equal(emb[[loaded.sot_id, loaded.eot_id]], model.thought_embeds, "emb[[loaded.sot_id, loaded.eot_id]]")
 
 
 def test_load_errors(tmp_path):

@@ -8,6 +8,7 @@ from qstar_ds.reference import attn_implementation
 from qstar_ds.rollout import rollout
 
 from conftest import DEVICE, gen, make_model, random_batch
+from helpers import assert_equal
 
 
 def cfg_for(**kw):
@@ -26,7 +27,7 @@ def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r):
     assert ro.thoughts.shape == (2, 9 * r, t) and ro.anchor.shape == (2, 9 * r)
     with torch.no_grad():
         out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
-    assert torch.equal(out.valid, ro.valid)
+    assert_equal(out.valid, ro.valid, "out.valid")
     v = ro.valid
     torch.testing.assert_close(ro.talk_logp[v], out.talk_logp[v], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ro.mix_w[v], out.mix_w[v], rtol=1e-10, atol=1e-10)
@@ -45,7 +46,8 @@ def test_seeded_and_reproducible_and_markers_never_sampled():
     a = rollout(model, cfg, x, am, generator=gen(5))
     b = rollout(model, cfg, x, am, generator=gen(5))
     c = rollout(model, cfg, x, am, generator=gen(6))
-    assert torch.equal(a.thoughts, b.thoughts) and torch.equal(a.talk_logp, b.talk_logp)
+    assert_equal(a.thoughts, b.thoughts, "thoughts (same seed)")
+    assert_equal(a.talk_logp, b.talk_logp, "talk log-probs (same seed)")
     assert not torch.equal(a.thoughts, c.thoughts)
     assert not torch.isin(a.thoughts, torch.tensor([model.sot_id, model.eot_id], device=DEVICE)).any()
 
@@ -133,10 +135,10 @@ def test_counter_noise_gives_the_same_thoughts_whatever_the_cut():
     whole = rollout(model, cfg, x, am, pos, generator=sequence_noise(0, 5, [0, 1], DEVICE))
     for s in (0, 1):
         alone = rollout(model, cfg, x[s:s + 1], am[s:s + 1], pos, generator=sequence_noise(0, 5, [s], DEVICE))
-        assert torch.equal(alone.thoughts[0], whole.thoughts[s]), f"sequence {s} alone differs"
+        assert_equal(alone.thoughts[0], whole.thoughts[s], f"thoughts of sequence {s} alone")
         for a, b in ((0, 4), (4, 10)):
             part = rollout(model, cfg, x[s:s + 1], am[s:s + 1], pos[a:b], generator=sequence_noise(0, 5, [s], DEVICE))
-            assert torch.equal(part.thoughts[0], whole.thoughts[s, a * 2:b * 2]), f"sequence {s} positions {a}..{b}"
+            assert_equal(part.thoughts[0], whole.thoughts[s, a * 2:b * 2], f"thoughts of sequence {s}, positions {a}..{b}")
             torch.testing.assert_close(part.rewards[0], whole.rewards[s, a * 2:b * 2], rtol=1e-10, atol=1e-10)
     other = rollout(model, cfg, x, am, pos, generator=sequence_noise(0, 6, [0, 1], DEVICE))
     assert not torch.equal(other.thoughts, whole.thoughts)              # another step, other thoughts

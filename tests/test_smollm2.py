@@ -11,6 +11,7 @@ from qstar_ds.learn import learn_pass
 from qstar_ds.model import QuietStarModel
 from qstar_ds.reference import reference_pass
 from qstar_ds.rollout import rollout
+from helpers import assert_equal
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_smollm2_wrapped(smol):
     assert (model.sot_id, model.eot_id) == (49152, 49153) and len(tok) == 49154
     dash = tok.encode("---", add_special_tokens=False)[0]
     emb = model.base.get_input_embeddings().weight
-    assert torch.equal(model.thought_embeds, emb[[dash, dash]])
+    assert_equal(model.thought_embeds, emb[[dash, dash]], "model.thought_embeds, emb[[dash")
     x = torch.tensor([tok.encode(TEXT, add_special_tokens=False)])
     am = torch.ones_like(x)
     cfg = ThoughtConfig(thought_len=3, n_thoughts=2, talk_len=2)
