@@ -285,9 +285,8 @@ def universal_dir(path: str, rank: int) -> str:
 def begin(resume: str, output_dir: str, hashes: bool, report) -> tuple[str | None, dict | None, str]:
     """Where a run starts (collective): -> (checkpoint to resume from or None, its meta, run id).
     The run id is inherited from a checkpoint of this output_dir, else new; rotation deletes only
-    checkpoints with this id. Complete checkpoints newer than the resumed one (a branch being
-    left: `--resume PATH` to an older step, or newer ones that failed verification) are moved to
-    checkpoints/superseded/. `--resume none` where complete checkpoints exist is refused."""
+    checkpoints with this id. `--resume none` where complete checkpoints exist is refused.
+    Newer checkpoints than the resumed one are moved aside once it has loaded (leave_branch)."""
     import uuid
 
     import torch.distributed as dist
@@ -309,15 +308,21 @@ def begin(resume: str, output_dir: str, hashes: bool, report) -> tuple[str | Non
     own = path is not None and os.path.realpath(os.path.dirname(path)) == os.path.realpath(ckpt_dir)
     ids = [meta.get("run_id") if own and meta.get("run_id") else uuid.uuid4().hex[:12]]
     dist.broadcast_object_list(ids, src=0)
-    if meta is not None:
-        left = newer_than(output_dir, meta["step"])
-        if left and rank == 0:
-            moved = [supersede(p) for p in left]
-            report(f"resuming from step {meta['step']}: the newer checkpoints of {ckpt_dir} "
-                   f"({', '.join(os.path.basename(p) for p in left)}) belong to the branch left behind; "
-                   f"moved to {os.path.dirname(moved[0])} (not deleted)")
-        dist.barrier()
     return path, meta, ids[0]
+
+
+def leave_branch(output_dir: str, step: int, report) -> None:
+    """After a resume from `step` has loaded (collective): move output_dir's complete checkpoints
+    newer than it (the branch being left: `--resume PATH` to an older step, or newer ones that
+    failed verification) to checkpoints/superseded/, with one line."""
+    import torch.distributed as dist
+    left = newer_than(output_dir, step)
+    if left and dist.get_rank() == 0:
+        moved = [supersede(p) for p in left]
+        report(f"resuming from step {step}: the newer checkpoints of {os.path.join(output_dir, CKPT_SUBDIR)} "
+               f"({', '.join(os.path.basename(p) for p in left)}) belong to the branch left behind; "
+               f"moved to {os.path.dirname(moved[0])} (not deleted)")
+    dist.barrier()
 
 
 def _trash(path: str) -> None:

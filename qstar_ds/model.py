@@ -229,7 +229,7 @@ class QuietStarModel(nn.Module):
             meta = json.load(f)
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        base = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
+        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **hf_kwargs)   # never a pickle
         state = load_file(os.path.join(path, WEIGHTS_FILE))
         model = cls(base, ThoughtTokens(meta["sot_id"], meta["eot_id"]), state.pop("thought_embeds"))
         model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in state.items()})

@@ -127,6 +127,7 @@ class Trainer:
         if resume_path is not None:
             ckpt.check_compatible(meta, self.signature, resume_path)
             ckpt.load(self.engine, resume_path, universal=reshard)
+            ckpt.leave_branch(cfg.train.output_dir, meta["step"], self._note)
             self.step, self.samples, data_state = meta["step"], meta["samples"], meta["data_state"]
             changed = apply_optimizer_settings(self.engine, self.model, cfg, meta.get("config", {}))
             if changed:

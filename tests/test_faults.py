@@ -85,7 +85,10 @@ class Payload:
 def plant(file, marker: str) -> None:
     """Add a payload to a torch.save file, keeping everything else (we wrote it: trusted)."""
     state = torch.load(file, weights_only=False)
-    state["extra"] = Payload(marker)
+    if isinstance(state, dict):
+        state["extra"] = Payload(marker)
+    else:                                               # a bare tensor file (universal form)
+        state = {"tensor": state, "extra": Payload(marker)}
     torch.save(state, file)
 
 
@@ -274,6 +277,18 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(reference, cop
     # and back: the 2-rank checkpoint resumes on 1
     res = run(["--max_steps", str(STEPS + 3)], copy)
     assert res.returncode == 0 and "written by 2 rank(s), now 1" in res.stdout + res.stderr, res.stderr[-3000:]
+    # the universal form (here of the 2-rank step) is a checkpoint file kind too: planted code never runs
+    marker = str(tmp_path / "payload_ran")
+    newer = files_of(ckpt(copy, STEPS + 3))
+    for name in ("optimizer_state.pt", "base.model.norm.weight/fp32.pt"):
+        target = ckpt(copy, STEPS + 2) / "universal" / "zero" / name
+        clean = target.read_bytes()
+        plant(target, marker)
+        res = run(["--max_steps", str(STEPS + 4), "--resume", str(ckpt(copy, STEPS + 2))], copy)
+        one_line_error(res, f"{os.path.basename(name)}: refusing to load it", "os.makedirs")
+        assert not os.path.exists(marker)
+        target.write_bytes(clean)
+    assert files_of(ckpt(copy, STEPS + 3)) == newer        # a resume that failed left the newer checkpoint alone
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3_offload"])

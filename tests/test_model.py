@@ -96,6 +96,25 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert_equal(emb[[loaded.sot_id, loaded.eot_id]], model.thought_embeds, "emb[[loaded.sot_id, loaded.eot_id]]")
 
 
+def test_an_exported_directory_is_read_from_safetensors_only(tmp_path):
+    """A pickled weights file planted next to (or instead of) the safetensors never runs."""
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.makedirs, (str(tmp_path / "payload_ran"),))
+
+    model, tok = make_model("llama", dtype=torch.float32)
+    path = tmp_path / "m"
+    model.save_pretrained(str(path), tokenizer=tok)
+    torch.save({"x": Payload()}, path / "pytorch_model.bin")
+    QuietStarModel.from_pretrained(str(path))                        # the safetensors are used
+    (path / "model.safetensors").unlink()
+    with pytest.raises(OSError):
+        QuietStarModel.from_pretrained(str(path))                    # the pickle is not a fallback
+    assert not (tmp_path / "payload_ran").exists()
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="quiet_star.json"):
         QuietStarModel.from_pretrained(str(tmp_path))
