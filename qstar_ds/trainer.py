@@ -3,12 +3,13 @@ optimizer step, metrics, checkpoints.
 
 One optimizer step, on every rank:
   1. read the global batch (B sequences; every rank reads the same stream);
-  2. roll out the sequences this rank owns (ceil(B / world) of them, padded with a repeat so
-     every rank runs the same forwards, as ZeRO-3 needs), each with a generator seeded by
-     (seed, step, sequence): a rollout does not depend on which rank or world size computed it;
-     all-gather thoughts and rewards (small);
-  3. run this rank's learn chunks (chunk c of the step goes to rank c % world; a rank short of
-     chunks runs a repeat with weight 0): every rank runs the same number of micro-steps;
+  2. roll out this rank's units of the batch (whole sequences, or blocks of positions when there
+     are more ranks than sequences; engine.rollout_units) with the model held gathered, sampling
+     with noise hashed from (seed, step, sequence, position, thought, token): no thought depends
+     on which rank or world size computed it; all-gather thoughts and rewards (small);
+  3. run this rank's learn chunks (the chunk count is chosen for the world size, engine.plan_step;
+     chunk c goes to rank c % world; a rank short of chunks runs a repeat with weight 0): every
+     rank runs the same number of micro-steps;
   4. the loss of a chunk is normalised by the global counts of valid streams and base targets,
      so the sum of all chunks' losses is the loss of the whole batch; DeepSpeed averages gradients
      over ranks, so each chunk's loss is multiplied by the world size (and not divided by the
@@ -122,7 +123,7 @@ class Trainer:
             deepspeed.zero.register_external_parameter(self.model.chunked_logprobs, self.model.lm_head.weight)
         self.signature = self._signature()
 
-        self.step, self.samples = 0, 0
+        self.step, self.samples, self.bad_steps = 0, 0, 0
         data_state = None
         if resume_path is not None:
             ckpt.check_compatible(meta, self.signature, resume_path)
@@ -513,7 +514,7 @@ class Trainer:
         if math.isfinite(metrics["loss"]) and (math.isfinite(metrics["grad_norm"]) or not norm_known):
             self.bad_steps = 0
             return False
-        self.bad_steps = getattr(self, "bad_steps", 0) + 1
+        self.bad_steps += 1
         what = f"loss {metrics['loss']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
         newest = ckpt.complete_checkpoints(os.path.join(self.cfg.train.output_dir, ckpt.CKPT_SUBDIR))
         last = f"the newest checkpoint is {newest[-1][1]}" if newest else "no checkpoint was written"
