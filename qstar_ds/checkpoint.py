@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+from . import distributed
 from .config import ConfigError
 from .safe_load import safe_torch_load, unsafe_globals
 
@@ -261,8 +262,6 @@ def universal_dir(path: str, rank: int) -> str:
     moments whole, loadable by any number of ranks), made once by rank 0 with DeepSpeed's
     ds_to_universal (every file read through safe_load) into path/universal. Collective."""
     import argparse
-
-    import torch.distributed as dist
     out = os.path.join(path, UNIVERSAL)
     if rank == 0 and not os.path.isfile(os.path.join(out, COMPLETE)):
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
@@ -278,7 +277,7 @@ def universal_dir(path: str, rank: int) -> str:
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
-    dist.barrier()
+    distributed.barrier()
     return out
 
 
@@ -288,9 +287,7 @@ def begin(resume: str, output_dir: str, hashes: bool, report) -> tuple[str | Non
     checkpoints with this id. `--resume none` where complete checkpoints exist is refused.
     Newer checkpoints than the resumed one are moved aside once it has loaded (leave_branch)."""
     import uuid
-
-    import torch.distributed as dist
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = distributed.rank(), distributed.world()
     ckpt_dir = os.path.join(output_dir, CKPT_SUBDIR)
     existing = complete_checkpoints(ckpt_dir)
     if resume == "none" and existing:
@@ -299,30 +296,26 @@ def begin(resume: str, output_dir: str, hashes: bool, report) -> tuple[str | Non
                               f"output_dir (nothing was deleted)")
 
     def agree(reason):
-        reasons = [None] * world
-        dist.all_gather_object(reasons, reason)
-        return next((r for r in reasons if r is not None), None)
+        return next((r for r in distributed.gather_objects(reason) if r is not None), None)
 
     path = pick(resume, output_dir, agree, report, rank, world, hashes)
     meta = read_meta(path) if path else None
     own = path is not None and os.path.realpath(os.path.dirname(path)) == os.path.realpath(ckpt_dir)
-    ids = [meta.get("run_id") if own and meta.get("run_id") else uuid.uuid4().hex[:12]]
-    dist.broadcast_object_list(ids, src=0)
-    return path, meta, ids[0]
+    run_id = distributed.broadcast_object(meta.get("run_id") if own and meta.get("run_id") else uuid.uuid4().hex[:12])
+    return path, meta, run_id
 
 
 def leave_branch(output_dir: str, step: int, report) -> None:
     """After a resume from `step` has loaded (collective): move output_dir's complete checkpoints
     newer than it (the branch being left: `--resume PATH` to an older step, or newer ones that
     failed verification) to checkpoints/superseded/, with one line."""
-    import torch.distributed as dist
     left = newer_than(output_dir, step)
-    if left and dist.get_rank() == 0:
+    if left and distributed.is_main():
         moved = [supersede(p) for p in left]
         report(f"resuming from step {step}: the newer checkpoints of {os.path.join(output_dir, CKPT_SUBDIR)} "
                f"({', '.join(os.path.basename(p) for p in left)}) belong to the branch left behind; "
                f"moved to {os.path.dirname(moved[0])} (not deleted)")
-    dist.barrier()
+    distributed.barrier()
 
 
 def _trash(path: str) -> None:
@@ -353,30 +346,27 @@ def newer_than(output_dir: str, step: int) -> list[str]:
 def save(engine, output_dir: str, step: int, meta: dict, keep_last: int, hashes: bool = True) -> str:
     """Write checkpoint `step` (collective: every rank calls it). Returns its path. The meta gets
     the size and sha256 of every file (each rank hashes and fsyncs a share) before COMPLETE."""
-    import torch.distributed as dist
-
     ckpt_dir = os.path.join(output_dir, CKPT_SUBDIR)
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = distributed.rank(), distributed.world()
     if rank == 0 and os.path.isdir(path):
         if os.path.isfile(os.path.join(path, COMPLETE)):   # another run's or branch's: kept
             supersede(path)
         else:                                                # an interrupted earlier save of this step
             shutil.rmtree(path)
-    dist.barrier()
+    distributed.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"qstar_step": step}, save_latest=False)
     _atomic_write(os.path.join(path, f"rank_state_{rank:05d}.json"), json.dumps(rng_state()))
-    dist.barrier()
-    shares = [None] * world
-    dist.all_gather_object(shares, manifest_share(path, rank, world, hashes))
+    distributed.barrier()
+    shares = distributed.gather_objects(manifest_share(path, rank, world, hashes))
     if rank == 0:
         meta = dict(meta, files={k: v for share in shares for k, v in share.items()})
         _fsync_dir(path)
         _atomic_write(os.path.join(path, META), json.dumps(meta, indent=1))
         _atomic_write(os.path.join(path, COMPLETE), f"{step}\n")
         _rotate(ckpt_dir, keep_last, newest=step, run_id=meta.get("run_id"))
-    dist.barrier()
+    distributed.barrier()
     return path
 
 
@@ -404,18 +394,16 @@ def load(engine, path: str, universal: bool = False) -> dict:
     """Restore engine states (model, optimizer, LR schedule) and this rank's RNG, every file read
     without unpickling code (safe_load). `universal`: written by another number of ranks; loaded
     from its universal form (the engine was built with checkpoint.load_universal). -> meta."""
-    import torch.distributed as dist
-
     from .safe_load import weights_only_loading
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
+    rank = distributed.rank()
     if universal:
-        ckpt_dir, tag = path, os.path.basename(universal_dir(path, dist.get_rank()))
+        ckpt_dir, tag = path, os.path.basename(universal_dir(path, rank))
     with weights_only_loading():
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"cannot resume from {path}: DeepSpeed found no checkpoint there")
-    rank = dist.get_rank()
     rank_file = os.path.join(path, f"rank_state_{rank:05d}.json")
     legacy = os.path.join(path, f"rank_state_{rank:05d}.pt")          # written before the JSON files
     if os.path.isfile(rank_file):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
 from .heldout import line as heldout_line, summarize, token_scores
@@ -247,9 +248,7 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
     mine = nll_scores(model, ecfg, ids[rank::world], mask[rank::world], args.batch_size, args.seed + rank,
                       filler_id, progress=rank == 0)
     if world > 1:
-        import torch.distributed as dist
-        parts: list = [None] * world
-        dist.all_gather_object(parts, mine)
+        parts = distributed.gather_objects(mine)
         mine = {k: torch.cat([p[k] for p in parts]) for k in mine}
     m = summarize(mine, ecfg.talk_len)
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
@@ -258,25 +257,8 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
 
 
 # ---- running ---------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    """(rank, world) from the launcher's environment (torchrun, deepspeed), initialising
-    torch.distributed when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
 def gather(rows: list[dict], world: int) -> list[dict]:
-    if world == 1:
-        return rows
-    import torch.distributed as dist
-    parts: list = [None] * world
-    dist.all_gather_object(parts, rows)
-    return [r for p in parts for r in p]
+    return [r for p in distributed.gather_objects(rows) for r in p] if world > 1 else rows
 
 
 def summarise(task: str, thoughts: bool, rows: list[dict], seconds: float, think_len: int) -> dict:
@@ -353,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text_field", default="text", help="nll: the text column of a jsonl/json/parquet file")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
-    rank, world = dist_info()
+    rank, world = distributed.join_launcher_group()
     device = args.device
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -425,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(heldout_line(f"nll {nll_file}:", nll))
         print(f"results: {args.output}")
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    distributed.close(wait=False)
     return 0
 
 

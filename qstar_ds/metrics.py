@@ -9,11 +9,8 @@ import time
 
 
 def is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
-        return not dist.is_initialized() or dist.get_rank() == 0
-    except Exception:
-        return True
+    from .distributed import is_main
+    return is_main()
 
 
 def print0(*args, **kwargs) -> None:

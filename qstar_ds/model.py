@@ -51,29 +51,6 @@ def gathered(params, modifier_rank: int | None = 0):
     return contextlib.nullcontext()
 
 
-_HOLD = -1    # a module id no module has: "in use" for DeepSpeed while a `held` block runs
-
-
-@contextlib.contextmanager
-def held(params):
-    """ZeRO-3 parameters whole for a block of several forwards: all-gathered once on entry and
-    kept until exit (DeepSpeed re-partitions a parameter after every module forward unless some
-    module is still using it: a sentinel user keeps them). A no-op for ordinary parameters."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        for p in params:
-            p.ds_active_sub_modules.add(_HOLD)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.ds_active_sub_modules.discard(_HOLD)
-
-
 class ChunkedLogprobHead(nn.Module):
     """Log-probs of targets under the output head, computed in chunks (logprobs.chunked_token_logprobs).
     A module of its own so that, under ZeRO-3, the output weight it reads directly can be

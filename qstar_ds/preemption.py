@@ -92,11 +92,9 @@ class Preemption:
     def should_stop(self) -> bool:
         """True on every rank if any rank has received a signal (a collective: call it at the
         same point on every rank)."""
-        import torch.distributed as dist
+        from .distributed import all_reduce
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return bool(all_reduce(flag, "max").item() > 0)
 
     @property
     def name(self) -> str:

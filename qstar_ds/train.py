@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"qstar_ds: error: {e}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-
+    from qstar_ds import distributed
     from qstar_ds.trainer import Trainer
     trainer = None
     ok = False
@@ -52,17 +51,15 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        if dist.is_initialized():
-            if ok:
-                # Let every rank's queued collectives (DeepSpeed's async gradient reduction) finish
-                # and drop the engine's tensors before the process group goes away. Not enough on
-                # its own against a gloo thread releasing a tensor during interpreter shutdown:
-                # the entry point below leaves with os._exit (qstar_ds/process_exit.py).
-                trainer.engine.destroy()
-                del trainer
-                gc.collect()
-                dist.barrier()
-            dist.destroy_process_group()
+        if ok:
+            # Let every rank's queued collectives (DeepSpeed's async gradient reduction) finish
+            # and drop the engine's tensors before the process group goes away. Not enough on
+            # its own against a gloo thread releasing a tensor during interpreter shutdown:
+            # the entry point below leaves with os._exit (qstar_ds/process_exit.py).
+            trainer.engine.destroy()
+            del trainer
+            gc.collect()
+        distributed.close(wait=ok)
     return 0
 
 

@@ -1,20 +1,19 @@
-"""The training loop: rollout (sharded over ranks, gathered), chunked learn micro-steps,
-optimizer step, metrics, checkpoints.
+"""The training loop: rollout, chunked learn micro-steps, optimizer step, metrics,
+held-out evaluation, checkpoints.
 
 One optimizer step, on every rank:
   1. read the global batch (B sequences; every rank reads the same stream);
   2. roll out this rank's units of the batch (whole sequences, or blocks of positions when there
-     are more ranks than sequences; engine.rollout_units) with the model held gathered, sampling
+     are more ranks than sequences; schedule.rollout_units) with the model held gathered, sampling
      with noise hashed from (seed, step, sequence, position, thought, token): no thought depends
      on which rank or world size computed it; all-gather thoughts and rewards (small);
-  3. run this rank's learn chunks (the chunk count is chosen for the world size, engine.plan_step;
-     chunk c goes to rank c % world; a rank short of chunks runs a repeat with weight 0): every
-     rank runs the same number of micro-steps;
+  3. run this rank's learn chunks (schedule.learn_share; every rank runs the same number of
+     micro-steps);
   4. the loss of a chunk is normalised by the global counts of valid streams and base targets,
-     so the sum of all chunks' losses is the loss of the whole batch; DeepSpeed averages gradients
-     over ranks, so each chunk's loss is multiplied by the world size (and not divided by the
-     accumulation steps): the update is that of the whole batch's loss, independent of the chunk
-     size and the number of ranks.
+     so the sum of all chunks' losses is the loss of the whole batch, and the update is that of
+     the whole batch, independent of the chunk size and the number of ranks
+     (distributed.Strategy.backward_step).
+Everything that talks to other ranks goes through distributed.py.
 """
 from __future__ import annotations
 
@@ -25,15 +24,14 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .cli import to_yaml
 from .config import Config, ConfigError, ThoughtConfig
 from .cpu_memory import keep_freed_memory
 from .data import SequenceStream, check_source, first_sequences
-from .engine import (apply_optimizer_settings, build_engine, device_type, fill_ds_config, init_distributed,
-                     load_ds_json, plan_step, prepare_zero_init, resolve_dtype, rollout_units, units_of, zero_stage)
+from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_rows
+from .ds_config import fill_ds_config, load_ds_json, resolve_dtype, zero_stage
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
 from .heldout import flat_metrics, line as heldout_line, sequence_nll, summarize, token_scores, top_positions
@@ -41,20 +39,15 @@ from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
 from .viewer import page_data, render
 from .attention import auto_note, resolve_backend
-from .model import QuietStarModel, filler_token_id, held, randomize_mixing_head
+from .model import QuietStarModel, filler_token_id, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
 from .rollout import Rollout, default_positions, rollout, sequence_noise
+from .schedule import eval_share, learn_share, plan_step, rank_major_order, rollout_units, units_of
 
 TEMPLATE_DIR = "hf_template"
 VIEWER_PAGE = "thoughts.html"
 
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (GiB; Linux reports ru_maxrss in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generator:
@@ -64,6 +57,24 @@ def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generato
     return g
 
 
+class StepTotals:
+    """The step's losses and mixing weights, summed over this rank's chunks (weighted: a repeat
+    counts 0), then over the ranks."""
+    KEYS = ("talk", "base", "reinforce", "loss", "mix_w_sum", "mix_w_count")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+
+    def add(self, out: LearnOutput, weight: float) -> None:
+        w = out.mix_w.detach()[out.valid]
+        self.sums += weight * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
+                                           out.losses["reinforce"].detach(), out.loss.detach(),
+                                           w.sum(), w.new_tensor(float(w.numel()))]).double()
+
+    def over_ranks(self) -> dict[str, float]:
+        return dict(zip(self.KEYS, all_reduce(self.sums).tolist()))
+
+
 class TrainingError(ConfigError):
     """The run cannot go on (diverged): one line, exit code 2."""
 
@@ -71,9 +82,9 @@ class TrainingError(ConfigError):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device_type = device_type()
-        self.rank, self.world, local_rank = init_distributed(self.device_type)
-        self.device = torch.device("cuda", local_rank) if self.device_type == "cuda" else torch.device("cpu")
+        self.dist = Strategy(cfg)
+        self.device_type, self.device = self.dist.device_type, self.dist.device
+        self.rank, self.world = self.dist.rank, self.dist.world
         if self.device_type == "cpu":   # activations reuse freed heap blocks instead of fresh mmaps
             keep_freed_memory()
         # from here on a SIGUSR1/SIGTERM means "save and stop after the current step", not death
@@ -101,9 +112,7 @@ class Trainer:
         # ZeRO-3: build real models partitioned (zero.Init). Tiny test models are built whole, so
         # that a seed gives the same initial weights under every ZeRO stage and in one process.
         if zero_stage(self.ds_config) == 3 and not cfg.model.name.startswith(TINY_PREFIX):
-            prepare_zero_init()
-            from transformers.integrations import HfDeepSpeedConfig
-            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: HF builds under zero.Init
+            self.dist.zero_init(self.ds_config)
 
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
@@ -116,11 +125,8 @@ class Trainer:
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.loss_checkpointing = True
-        self.engine = build_engine(model, cfg, self.ds_config)
+        self.engine = self.dist.build(model, self.ds_config)
         self.model: QuietStarModel = self.engine.module
-        if zero_stage(self.ds_config) == 3:  # the chunked loss reads the output weight directly
-            import deepspeed
-            deepspeed.zero.register_external_parameter(self.model.chunked_logprobs, self.model.lm_head.weight)
         self.signature = self._signature()
 
         self.step, self.samples, self.bad_steps = 0, 0, 0
@@ -186,10 +192,10 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------
     def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> thoughts (B, M, t), rewards (B, M): the step's rollout cut into units (whole sequences,
-        or blocks of positions when there are more ranks than sequences: engine.rollout_units),
+        or blocks of positions when there are more ranks than sequences: schedule.rollout_units),
         each rank rolling out its units and all-gathering the results. The sampling noise is a
         hash of (sequence, position, thought, token) (rollout.Noise), so no thought depends on
-        the cut or the world size. With the model held gathered (rollout_params), a rank's units
+        the cut or the world size. With the model held gathered (Strategy.rollout_held), a rank's units
         of the same positions go through in batches of train.rollout_batch; otherwise one at a
         time (every rank then runs the same number of forwards, as ZeRO-3's gathers need)."""
         B, n = x.shape
@@ -199,7 +205,7 @@ class Trainer:
         mine = units_of(units, self.rank, self.world)
         width = max(b - a for _, a, b in units) * r
         th, rw = x.new_zeros(len(mine), width, t), torch.zeros(len(mine), width, device=x.device)
-        hold = self.rollout_params()
+        hold = self.dist.rollout_held()
         size = (self.cfg.train.rollout_batch or len(mine)) if hold is not None else 1
         groups: dict[tuple[int, int], list[int]] = {}
         for j, (_, a, b) in enumerate(mine):
@@ -214,34 +220,12 @@ class Trainer:
                                                generator=sequence_noise(self.cfg.train.seed, self.step, seqs,
                                                                         self.device)))
                     th[part, :(b - a) * r], rw[part, :(b - a) * r] = ro.thoughts, ro.rewards.float()
-        th, rw = (self._gather_rows(v)[:len(units)] for v in (th, rw))          # (units, width, ...)
+        th, rw = (gather_rows(v)[:len(units)] for v in (th, rw))          # (units, width, ...)
         thoughts, rewards = x.new_zeros(B, positions.numel() * r, t), torch.zeros(B, positions.numel() * r,
                                                                                    device=x.device)
         for u, (seq, a, b) in enumerate(units):
             thoughts[seq, a * r:b * r], rewards[seq, a * r:b * r] = th[u, :(b - a) * r], rw[u, :(b - a) * r]
         return thoughts, rewards
-
-    def rollout_params(self):
-        """A context holding the whole model gathered on every rank for the rollout (ZeRO-3), so its
-        t + 2 forwards all-gather the parameters once instead of at every forward; None where
-        DeepSpeed gathers per forward: train.rollout_gather=never, ZeRO stage < 3 (nothing to
-        gather), or auto on a GPU where the model takes over half the free memory."""
-        mode = self.cfg.train.rollout_gather
-        if mode == "never" or zero_stage(self.ds_config) != 3:
-            return None
-        if mode == "auto" and self.device_type == "cuda":
-            need = sum(p.ds_numel * p.element_size() for p in self.model.parameters() if hasattr(p, "ds_numel"))
-            if need > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
-                return None
-        return held(self.model.parameters())
-
-    def _gather_rows(self, v: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's (rows, ...) tensor along dim 0 (rank order)."""
-        if self.world == 1:
-            return v
-        buf = [torch.empty_like(v) for _ in range(self.world)]
-        dist.all_gather(buf, v)
-        return torch.cat(buf)
 
     def _thoughts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """thoughts (B, M, t) and rewards (B, M) of this step: sampled and scored (quiet_star), the
@@ -264,49 +248,44 @@ class Trainer:
                                          base_loss=(a == 0), **one))
 
     def train_step(self, x: torch.Tensor, am: torch.Tensor) -> tuple[dict, tuple]:
-        cfg, plan = self.cfg, self.plan
+        """One optimizer step (module docstring). -> (metrics, what the thought table shows)."""
         x, am = x.to(self.device), am.to(self.device)
-        B, n = x.shape
         t0 = time.perf_counter()
         thoughts, rewards = self._thoughts(x, am)                                  # (B, M, t), (B, M)
-        t_roll = time.perf_counter() - t0
-        positions = default_positions(n, cfg.thought.talk_len, self.device)
-        anchor = positions.repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)  # (B, M)
-        anchor = anchor[:, :plan.n_streams]                                        # off: no streams
-        valid = stream_validity(am.bool(), anchor, cfg.thought.talk_len)                # (B, M)
-        base_mask = base_target_mask(am.bool())
-        norm = Normalizer(float(valid.sum()), float(base_mask.sum()))                    # global counts
-
-        chunks = plan.chunks()
-        mine = chunks[self.rank::self.world]
-        weights = [1.0] * len(mine) + [0.0] * (plan.grad_accum - len(mine))
-        mine = mine + [chunks[0]] * (plan.grad_accum - len(mine))
-        # talk, base, reinforce, total loss; sum and count of talk-step mixing weights
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
-        for (seq, a, b), w in zip(mine, weights):
+        t_rollout = time.perf_counter() - t0
+        anchor, valid, norm = self._streams(am)                                    # (B, M), (B, M)
+        totals = StepTotals(self.device)
+        for (seq, a, b), weight in learn_share(self.plan, self.rank):
             out = self._learn(x, am, seq, a, b, anchor, thoughts, rewards, norm)
-            self.engine.backward(out.loss * (w * self.world), scale_wrt_gas=False)
-            self.engine.step()
-            mw = out.mix_w.detach()[out.valid]
-            sums += w * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
-                                     out.losses["reinforce"].detach(), out.loss.detach(),
-                                     mw.sum(), mw.new_tensor(float(mw.numel()))]).double()
-        mem = torch.tensor([peak_rss_gb(), torch.cuda.max_memory_allocated() / 2**30
-                            if self.device_type == "cuda" else 0.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        dt = time.perf_counter() - t0
-        r = rewards[valid]
-        gn = self.engine.get_global_grad_norm()
-        return {"loss": sums[3].item(), "loss_talk": sums[0].item(), "loss_base": sums[1].item(),
-                "loss_reinforce": sums[2].item(), "reward_mean": r.mean().item() if r.numel() else 0.0,
-                "reward_pos_frac": (r > 0).float().mean().item() if r.numel() else 0.0,
-                "mix_w_mean": (sums[4] / sums[5]).item() if sums[5] > 0 else 0.0,
-                "grad_norm": float(gn) if gn is not None else float("nan"),
-                "lr": self.engine.get_lr()[0], "tokens_per_s": B * n / dt, "step_time_s": dt,
-                "rollout_time_s": t_roll, "peak_rss_gb": mem[0].item(), "peak_gpu_gb": mem[1].item()}, \
-            (x, thoughts, rewards, anchor, valid)
+            self.dist.backward_step(out.loss, weight)
+            totals.add(out, weight)
+        metrics = self._step_metrics(totals, rewards[valid], x.numel(), time.perf_counter() - t0, t_rollout)
+        return metrics, (x, thoughts, rewards, anchor, valid)
+
+    def _streams(self, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
+        """The step's stream anchors (B, M), which streams have a full talk window (B, M), and the
+        normaliser of the whole step's losses (global counts)."""
+        B, n = am.shape
+        positions = default_positions(n, self.cfg.thought.talk_len, self.device)
+        anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)
+        anchor = anchor[:, :self.plan.n_streams]                                   # off: no streams
+        valid = stream_validity(am.bool(), anchor, self.cfg.thought.talk_len)
+        return anchor, valid, Normalizer(float(valid.sum()), float(base_target_mask(am.bool()).sum()))
+
+    def _step_metrics(self, totals: "StepTotals", rewards: torch.Tensor, tokens: int, seconds: float,
+                      rollout_seconds: float) -> dict:
+        """The step's losses summed over every rank's chunks, reward statistics, mixing weight,
+        gradient norm, speed and peak memory."""
+        s = totals.over_ranks()
+        rss, gpu = self.dist.peak_memory_gb()
+        gn = self.dist.grad_norm()
+        return {"loss": s["loss"], "loss_talk": s["talk"], "loss_base": s["base"], "loss_reinforce": s["reinforce"],
+                "reward_mean": rewards.mean().item() if rewards.numel() else 0.0,
+                "reward_pos_frac": (rewards > 0).float().mean().item() if rewards.numel() else 0.0,
+                "mix_w_mean": s["mix_w_sum"] / s["mix_w_count"] if s["mix_w_count"] > 0 else 0.0,
+                "grad_norm": gn if gn is not None else float("nan"),
+                "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / seconds, "step_time_s": seconds,
+                "rollout_time_s": rollout_seconds, "peak_rss_gb": rss, "peak_gpu_gb": gpu}
 
     def _thought_rows(self, x, thoughts, rewards, anchor, valid, k: int = 8) -> list[dict]:
         rows = []
@@ -332,15 +311,14 @@ class Trainer:
         ec, cfg = self.cfg.eval, self._eval_config()
         ids, mask = (v.to(self.device) for v in self.heldout)                   # (D, n)
         D, n = ids.shape
-        mine = list(range(self.rank, D, self.world))
-        per_rank = -(-D // self.world)
-        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+        mine = eval_share(D, self.rank, self.world)
+        per_rank = len(mine)
         bs = max(1, ec.batch_size // self.world)
         positions = default_positions(n, cfg.talk_len, self.device)
         self.engine.eval()
         parts: dict[str, list] = {}
         bar = progress(-(-per_rank // bs), 0, desc="held-out eval", unit="batch")
-        with self.rollout_params() or contextlib.nullcontext():
+        with self.dist.rollout_held() or contextlib.nullcontext():
             for a in range(0, per_rank, bs):
                 for k, v in self._score(cfg, ids, mask, mine[a:a + bs], positions).items():
                     parts.setdefault(k, []).append(v)
@@ -376,12 +354,9 @@ class Trainer:
         return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}
 
     def _gather_sequences(self, local: dict[str, torch.Tensor], D: int) -> dict[str, torch.Tensor]:
-        """Every rank's rows (rank q holds sequences q, q + W, ..., padded) -> all D sequences in order."""
-        per_rank = next(iter(local.values())).shape[0]
-        seq = torch.tensor([r * self.world + q for q in range(self.world) for r in range(per_rank)])  # rank-major
-        keep = seq < D
-        order = torch.argsort(seq[keep])
-        return {k: self._gather_rows(v)[keep.to(v.device)][order.to(v.device)] for k, v in local.items()}
+        """Every rank's rows (its schedule.eval_share) -> all D sequences in order."""
+        keep, order = (torch.tensor(v) for v in rank_major_order(D, self.world))
+        return {k: gather_rows(v)[keep.to(v.device)][order.to(v.device)] for k, v in local.items()}
 
     def _load_task_items(self) -> dict:
         from .tasks import TaskError, load_items
@@ -510,7 +485,7 @@ class Trainer:
         are global). DeepSpeed skips such an update; where it applied it anyway, or after more than
         `max_bad` such steps in a row, the run stops with one line (no checkpoint of a bad step)."""
         import math
-        norm_known = self.engine.get_global_grad_norm() is not None      # ZeRO stage 0 does not compute it
+        norm_known = self.dist.grad_norm() is not None      # ZeRO stage 0 does not compute it
         if math.isfinite(metrics["loss"]) and (math.isfinite(metrics["grad_norm"]) or not norm_known):
             self.bad_steps = 0
             return False

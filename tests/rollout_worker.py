@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from qstar_ds.cli import parse_args  # noqa: E402
+from qstar_ds.distributed import gather_rows  # noqa: E402
 from qstar_ds.rollout import Rollout, default_positions, rollout, sequence_noise  # noqa: E402
 from qstar_ds.trainer import Trainer  # noqa: E402
 
@@ -52,7 +53,7 @@ def one_sequence_at_a_time(tr: Trainer, x, am):
                                  attention_mask=am[seq:seq + 1], positions=positions,
                                  generator=sequence_noise(tr.cfg.train.seed, tr.step, [seq], tr.device)))
         th.append(ro.thoughts[0]); rw.append(ro.rewards[0].float())
-    return tuple(tr._gather_rows(torch.stack(v))[:B] for v in (th, rw))
+    return tuple(gather_rows(torch.stack(v))[:B] for v in (th, rw))
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def test_more_ranks_than_sequences_split_the_rollout_by_positions_with_the_same_
 
 def test_the_paper_run_wastes_under_5_percent_of_micro_steps_at_8_64_and_512_gpus():
     from qstar_ds.cli import parse_args
-    from qstar_ds.engine import plan_step, rollout_units, units_of
+    from qstar_ds.schedule import plan_step, rollout_units, units_of
     cfg, _ = parse_args(["--preset", "mistral7b_owm"])
     P = cfg.data.seq_len - cfg.thought.talk_len
     for world in (8, 64, 512):
@@ -55,3 +55,28 @@ def test_the_paper_run_wastes_under_5_percent_of_micro_steps_at_8_64_and_512_gpu
         assert sorted(set(dealt)) == sorted(units)                          # every unit dealt
         covered = {(s, p) for s, a, b in units for p in range(a, b)}
         assert covered == {(s, p) for s in range(cfg.train.batch_size) for p in range(P)}
+
+
+def test_learn_chunks_are_dealt_once_each_and_every_rank_runs_as_many_micro_steps():
+    from qstar_ds.cli import parse_args
+    from qstar_ds.schedule import learn_share, plan_step
+    cfg, _ = parse_args(["--preset", "mistral7b_owm"])
+    for world in (1, 3, 8, 64, 100):
+        plan = plan_step(cfg, world)
+        shares = [learn_share(plan, q) for q in range(world)]
+        assert {len(s) for s in shares} == {plan.grad_accum}, world
+        real = [c for s in shares for c, w in s if w == 1.0]
+        assert sorted(real) == sorted(plan.chunks()), world                 # each chunk once, weight 1
+        assert all(w in (0.0, 1.0) for s in shares for _, w in s)
+        assert sum(w == 0.0 for s in shares for _, w in s) == plan.grad_accum * world - plan.total_chunks
+
+
+def test_evaluation_shards_come_back_in_sequence_order():
+    from qstar_ds.schedule import eval_share, rank_major_order
+    for count, world in ((7, 1), (7, 2), (7, 3), (2, 4), (16, 4), (1, 3)):
+        shares = [eval_share(count, q, world) for q in range(world)]
+        assert len({len(s) for s in shares}) == 1                           # same forwards on every rank
+        assert sorted({i for s in shares for i in s}) == list(range(count))
+        gathered = torch.tensor([i for s in shares for i in s])             # what gather_rows returns
+        keep, order = rank_major_order(count, world)
+        assert gathered[torch.tensor(keep)][torch.tensor(order)].tolist() == list(range(count)), (count, world)

@@ -15,7 +15,7 @@ import torch
 
 from qstar_ds.cli import make_config
 from qstar_ds.data import SequenceStream
-from qstar_ds.engine import lr_lambda
+from qstar_ds.ds_config import lr_lambda
 from qstar_ds.hub import build_base
 from qstar_ds.learn import learn_pass
 from qstar_ds.model import QuietStarModel

@@ -72,10 +72,10 @@ def param_counts(c: dict) -> tuple[int, int]:
 def estimate(c: dict, cfg, nodes: int, gpus_per_node: int, loss_chunk: int, gpu_gib: float = 80.0,
              prefetch_bucket: float = 5e7, b: int = 2) -> dict:
     """Per-GPU memory of `cfg` (a qstar_ds Config) on nodes x gpus_per_node GPUs, with the
-    trainer's own step plan (engine.plan_step, engine.rollout_units) for that world size."""
+    trainer's own step plan (schedule.plan_step, schedule.rollout_units) for that world size."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    from qstar_ds.engine import plan_step, rollout_units
+    from qstar_ds.schedule import plan_step, rollout_units
 
     H, I, Lyr, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"] + 2
     heads = c["num_attention_heads"]

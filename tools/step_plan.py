@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qstar_ds.cli import parse_args  # noqa: E402
-from qstar_ds.engine import plan_step, rollout_units  # noqa: E402
+from qstar_ds.schedule import plan_step, rollout_units  # noqa: E402
 
 
 def main() -> None:
