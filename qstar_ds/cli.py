@@ -182,5 +182,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str]:
     return make_config(args.preset, args.config, overrides), args.preset
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (the attribute-docstring convention)."""
+    import ast
+    import inspect
+    import textwrap
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def add_dataclass_options(ap: argparse.ArgumentParser, cls, names: list[str] | None = None,
+                          defaults: dict | None = None) -> None:
+    """--<field> options for the fields `names` (default: all) of dataclass `cls`: the dataclass
+    is the one source of their types, defaults (`defaults` overrides some) and help texts. A list
+    field is repeatable; a value of the wrong type fails in argparse, naming the option."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        typ = hints[f.name]
+        if typing.get_origin(typ) is list:
+            ap.add_argument(f"--{f.name}", action="append", default=default, help=docs.get(f.name))
+            continue
+        convert = lambda v, k=f.name, t=typ: _coerce(k, v, t)   # noqa: E731
+        convert.__name__ = getattr(typ, "__name__", str(typ))    # argparse names it in its error
+        ap.add_argument(f"--{f.name}", type=convert, default=default, help=docs.get(f.name))
+
+
+def from_options(cls, args: argparse.Namespace, **overrides):
+    """Dataclass `cls` built from the parsed options of its fields (others keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

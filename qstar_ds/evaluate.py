@@ -308,7 +308,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loading import add_model_args, check_model_arg, load_from_args
+    from .cli import add_dataclass_options, from_options
+    from .loading import add_model_args, check_model_arg, load_from_args, thought_config
 
     ap = argparse.ArgumentParser(prog="python -m qstar_ds.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,16 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE", help="a jsonl file for one task")
     ap.add_argument("--limit", type=int, default=None, help="first N items of each task")
     ap.add_argument("--thoughts", choices=["on", "off", "both"], default="both")
-    ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
     ap.add_argument("--thought_temperature", type=float, default=0.001, help="paper's evaluation value")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_answer_tokens", type=int, default=12)
-    ap.add_argument("--cot_samples", type=int, default=8)
-    ap.add_argument("--cot_max_tokens", type=int, default=384)
-    ap.add_argument("--cot_temperature", type=float, default=0.9)
-    ap.add_argument("--think_threshold", type=float, default=None,
-                    help="think only where the base next-token entropy (nats) >= this")
-    ap.add_argument("--seed", type=int, default=0)
+    add_dataclass_options(ap, EvalSettings)
     ap.add_argument("--nll_seq_len", type=int, default=128, help="nll: tokens per packed sequence")
     ap.add_argument("--nll_sequences", type=int, default=64, help="nll: sequences scored (fewer if the file ends)")
     ap.add_argument("--talk_len", type=int, default=4, help="nll: K of the non-myopic window")
@@ -371,15 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         items = {t: load_items(t, files.get(t) or files.get(t.removesuffix("_cot")), args.data_dir, args.limit)
                  for t in tasks}
         loaded = load_from_args(args, device)
-        cfg = ThoughtConfig(thought_len=loaded.thought_len if args.thought_len is None else args.thought_len, temperature=args.thought_temperature,
-                            attention_backend=args.attention_backend)
+        cfg = thought_config(loaded, args, temperature=args.thought_temperature)
         if not args.cot_temperature > 0:
             raise TaskError(f"--cot_temperature={args.cot_temperature}: must be > 0")
     except (ConfigError, TaskError, ValueError, FileNotFoundError) as e:
         print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
         return 2
-    st = EvalSettings(args.batch_size, args.max_answer_tokens, args.cot_samples, args.cot_max_tokens,
-                      args.cot_temperature, args.seed, args.think_threshold)
+    st = from_options(EvalSettings, args)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
     out = run(loaded.model, loaded.tokenizer, cfg, tasks, settings, st, items, loaded.device, rank, world)
     nll = None

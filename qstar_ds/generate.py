@@ -240,30 +240,23 @@ def render(tokenizer, g: Generation, row: int, show_thoughts: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loading import add_model_args, load_from_args
+    from .cli import add_dataclass_options, from_options
+    from .loading import add_model_args, load_from_args, thought_config
 
     ap = argparse.ArgumentParser(prog="python -m qstar_ds.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="talk-token temperature; 0 = greedy")
-    ap.add_argument("--top_k", type=int, default=0)
+    add_dataclass_options(ap, GenerateConfig, ["max_new_tokens", "temperature", "top_k", "think_threshold", "stop"])
     ap.add_argument("--thoughts", choices=["on", "off"], default="on")
-    ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
     ap.add_argument("--thought_temperature", type=float, default=1.0)
-    ap.add_argument("--think_threshold", type=float, default=None,
-                    help="think only where the base next-token entropy (nats) >= this")
-    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--show_thoughts", action="store_true", help="print each thought before its token")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         loaded = load_from_args(args)
-        cfg = ThoughtConfig(thought_len=loaded.thought_len if args.thought_len is None else args.thought_len, temperature=args.thought_temperature,
-                            attention_backend=args.attention_backend)
-        gen = GenerateConfig(args.max_new_tokens, args.temperature, args.top_k, args.thoughts == "on",
-                             args.think_threshold, args.stop)
+        cfg = thought_config(loaded, args, temperature=args.thought_temperature)
+        gen = from_options(GenerateConfig, args, thoughts=args.thoughts == "on")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"qstar_ds.generate: error: {e}", file=sys.stderr)
         return 2

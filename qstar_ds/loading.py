@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ThoughtConfig
 from .checkpoint import CKPT_SUBDIR, COMPLETE, META, read_meta, resolve_resume
 from .model import META_FILE, QuietStarModel, ThoughtTokens, load_tokenizer
 from .safe_load import weights_only_loading
@@ -121,12 +122,20 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention_backend", default="auto", choices=["auto", "dense", "split", "flex"],
                     help="auto: split (see qstar_ds.attention.AUTO_NOTE)")
+    ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
 
 
 def check_model_arg(args: argparse.Namespace) -> None:
     """Fail early (before loading data) on a --model path that does not exist."""
     if args.model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(args.model)):
         raise FileNotFoundError(f"--model={args.model!r}: no such directory")
+
+
+def thought_config(loaded: Loaded, args: argparse.Namespace, **fields) -> ThoughtConfig:
+    """The thought settings of an inference command: the model's own thought length unless
+    --thought_len says otherwise, the resolved --attention_backend, and `fields`."""
+    t = loaded.thought_len if args.thought_len is None else args.thought_len
+    return ThoughtConfig(thought_len=t, attention_backend=args.attention_backend, **fields)
 
 
 def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:

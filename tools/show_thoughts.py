@@ -63,8 +63,8 @@ def collect(model, tokenizer, text: str, cfg, max_tokens: int, top: int, seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qstar_ds.config import ConfigError, ThoughtConfig
-    from qstar_ds.loading import add_model_args, load_from_args
+    from qstar_ds.config import ConfigError
+    from qstar_ds.loading import add_model_args, load_from_args, thought_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text")
     src.add_argument("--text_file")
     ap.add_argument("--output", default="thoughts.html")
-    ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
     ap.add_argument("--n_thoughts", type=int, default=2)
     ap.add_argument("--talk_len", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -87,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.text_file) as f:
                 args.text = f.read()
         loaded = load_from_args(args)
-        cfg = ThoughtConfig(thought_len=loaded.thought_len if args.thought_len is None else args.thought_len, n_thoughts=args.n_thoughts,
-                            talk_len=args.talk_len, temperature=args.temperature,
-                            attention_backend=args.attention_backend)
+        cfg = thought_config(loaded, args, n_thoughts=args.n_thoughts, talk_len=args.talk_len,
+                             temperature=args.temperature)
         data = collect(loaded.model, loaded.tokenizer, args.text, cfg, args.max_tokens, args.top, args.seed)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"show_thoughts: error: {e}", file=sys.stderr)
