@@ -99,34 +99,34 @@ def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     t + K + 1 of them), merged in one softmax over [base | own] logits (the log-sum-exp merge).
     Memory O(M * Lq * (n + Lk)) per head instead of O((n + M L)^2). Exact (same math as dense).
     """
-    st = layout.structure()
+    structure = layout.structure()
     B, H, Sq, D = query.shape
     hkv = key.shape[1]
     g = H // hkv
-    n = st.n
+    n = structure.n
     out = query.new_empty(B, Sq, H, D)
-    if st.n_base_queries:
-        qb = query[:, :, :st.n_base_queries]
+    if structure.n_base_queries:
+        qb = query[:, :, :structure.n_base_queries]
         kb, vb = key[:, :, :n], value[:, :, :n]
         if g > 1:
             kb, vb = kb.repeat_interleave(g, dim=1), vb.repeat_interleave(g, dim=1)
         mask = layout.base_additive_mask(query.dtype)                          # (B, 1, nq, n)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scaling)
-        out[:, :st.n_base_queries] = ob.transpose(1, 2)
-    if st.n_streams:
-        M, Lq = st.n_streams, st.queries_per_stream
-        qs = query[:, :, st.n_base_queries:].reshape(B, hkv, g, M, Lq, D)
+        out[:, :structure.n_base_queries] = ob.transpose(1, 2)
+    if structure.n_streams:
+        M, Lq = structure.n_streams, structure.queries_per_stream
+        qs = query[:, :, structure.n_base_queries:].reshape(B, hkv, g, M, Lq, D)
         kb, vb = key[:, :, :n], value[:, :, :n]                                # (B, hkv, n, D)
-        ko, vo = key[:, :, st.own_keys], value[:, :, st.own_keys]              # (B, hkv, M, Lk, D)
+        ko, vo = key[:, :, structure.own_keys], value[:, :, structure.own_keys]              # (B, hkv, M, Lk, D)
         s_base = torch.einsum("bhgmqd,bhkd->bhgmqk", qs, kb) * scaling        # (B, hkv, g, M, Lq, n)
         s_own = torch.einsum("bhgmqd,bhmkd->bhgmqk", qs, ko) * scaling        # (B, hkv, g, M, Lq, Lk)
         neg = torch.finfo(s_base.dtype).min
-        s_base = s_base.masked_fill(~st.base_visible[:, None, None, :, None, :], neg)   # (B,1,1,M,1,n)
-        s_own = s_own.masked_fill(~st.own_visible, neg)                                 # (Lq, Lk)
+        s_base = s_base.masked_fill(~structure.base_visible[:, None, None, :, None, :], neg)   # (B,1,1,M,1,n)
+        s_own = s_own.masked_fill(~structure.own_visible, neg)                                 # (Lq, Lk)
         p = torch.softmax(torch.cat([s_base, s_own], dim=-1), dim=-1)
         o = torch.einsum("bhgmqk,bhkd->bhgmqd", p[..., :n], vb) \
             + torch.einsum("bhgmqk,bhmkd->bhgmqd", p[..., n:], vo)            # (B, hkv, g, M, Lq, D)
-        out[:, st.n_base_queries:] = o.reshape(B, H, M * Lq, D).transpose(1, 2)
+        out[:, structure.n_base_queries:] = o.reshape(B, H, M * Lq, D).transpose(1, 2)
     return out
 
 

@@ -410,9 +410,9 @@ def load(engine, path: str, universal: bool = False) -> dict:
         with open(rank_file) as f:
             set_rng_state(json.load(f))
     elif os.path.isfile(legacy):
-        st = safe_torch_load(legacy)
-        set_rng_state({"python": [st["python"][0], st["python"][1], st["python"][2]],
-                       "numpy": [st["numpy"][0], st["numpy"][1], *st["numpy"][2:]],
-                       "torch": st["torch"].tolist(), **({"cuda": [c.tolist() for c in st["cuda"]]}
-                                                          if "cuda" in st else {})})
+        legacy_state = safe_torch_load(legacy)
+        set_rng_state({"python": [legacy_state["python"][0], legacy_state["python"][1], legacy_state["python"][2]],
+                       "numpy": [legacy_state["numpy"][0], legacy_state["numpy"][1], *legacy_state["numpy"][2:]],
+                       "torch": legacy_state["torch"].tolist(), **({"cuda": [c.tolist() for c in legacy_state["cuda"]]}
+                                                          if "cuda" in legacy_state else {})})
     return read_meta(path)

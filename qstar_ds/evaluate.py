@@ -117,17 +117,17 @@ def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], tho
     base_valid = am.bool()
     h = model.hidden(ids, Layout.base_only(base_valid, cfg.attention_backend), cache)   # (B, n, H)
     h_base = h.gather(1, anchor[..., None].expand(-1, -1, h.shape[-1]))                 # (B, A, H)
-    th = None
+    thought_ids = None
     z = at_least_fp32(model.logits(h_base))                                                  # (B, A, V)
     used = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
     if thoughts:
         used = ~used if think_threshold is None else entropy(z) >= think_threshold
         if bool(used.any()):
-            th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)         # (B, A, H)
+            thought_ids, h_eot = think(model, cfg, cache, base_valid, anchor, generator)         # (B, A, H)
             mixed, _ = model.mix(h_base, h_eot)
             z = torch.where(used[..., None], at_least_fp32(model.logits(mixed)), z)
     logp = torch.log_softmax(z, dim=-1)
-    return [(logp[b, :len(a)], a, None if th is None else th[b, :len(a)], used[b, :len(a)])
+    return [(logp[b, :len(a)], a, None if thought_ids is None else thought_ids[b, :len(a)], used[b, :len(a)])
             for b, (_, a) in enumerate(spans)]
 
 
@@ -151,12 +151,12 @@ def first_scored(answer: list[int], choices: dict[int, str]) -> int:
 
 
 def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item], toks: AnswerTokens,
-               thoughts: bool, st: EvalSettings, device) -> list[dict]:
-    g = torch.Generator(device=device).manual_seed(st.seed + items[0].index)
+               thoughts: bool, settings: EvalSettings, device) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(settings.seed + items[0].index)
     out = []
     if task == "gsm8k_cot":
-        return cot_batch(model, cfg, tokenizer, items, thoughts, st, g, device)
-    scored = answer_logprobs(model, cfg, tokenizer, items, thoughts, g, device, st.think_threshold)
+        return cot_batch(model, cfg, tokenizer, items, thoughts, settings, g, device)
+    scored = answer_logprobs(model, cfg, tokenizer, items, thoughts, g, device, settings.think_threshold)
     if task == "csqa":
         letters = torch.tensor(list(toks.choices), device=device)
         for it, (logp, a, _, used) in zip(items, scored):
@@ -167,8 +167,8 @@ def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item
         return out
     # gsm8k: soft from the teacher-forced pass, exact from a greedy direct answer
     ids, am = left_pad(tokenizer, [it.prompt for it in items], device)
-    gen = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts,
-                                                       think_threshold=st.think_threshold, stop=["\n"]),
+    gen = generate(model, ids, am, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
+                                                       think_threshold=settings.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
                    generator=g)
     for b, (it, (logp, a, _, used)) in enumerate(zip(items, scored)):
@@ -181,21 +181,21 @@ def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item
     return out
 
 
-def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, st: EvalSettings, g, device) -> list[dict]:
-    k = st.cot_samples
+def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, settings: EvalSettings, g, device) -> list[dict]:
+    k = settings.cot_samples
     prompts = [it.prompt + COT_TRIGGER for it in items for _ in range(k)]
     ids, am = left_pad(tokenizer, prompts, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
-    reason = generate(model, ids, am, cfg, GenerateConfig(st.cot_max_tokens, st.cot_temperature, thoughts=thoughts,
-                                                          think_threshold=st.think_threshold, stop=["\nQ:"]),
+    reason = generate(model, ids, am, cfg, GenerateConfig(settings.cot_max_tokens, settings.cot_temperature, thoughts=thoughts,
+                                                          think_threshold=settings.think_threshold, stop=["\nQ:"]),
                       tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     texts = []
     for b in range(len(prompts)):
         t = tokenizer.decode(reason.tokens[b, :int(reason.lengths[b])].tolist(), skip_special_tokens=True)
         texts.append(t.split("\nQ:")[0].rstrip())
     ids, am = left_pad(tokenizer, [p + t + COT_ANSWER for p, t in zip(prompts, texts)], device)
-    ans = generate(model, ids, am, cfg, GenerateConfig(st.max_answer_tokens, 0.0, thoughts=thoughts,
-                                                       think_threshold=st.think_threshold, stop=["\n"]),
+    ans = generate(model, ids, am, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
+                                                       think_threshold=settings.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     out = []
     for i, it in enumerate(items):
@@ -265,13 +265,13 @@ def summarise(task: str, thoughts: bool, rows: list[dict], seconds: float, think
     n = len(rows)
     soft = [r["soft"] for r in rows]
     k = sum(bool(r["correct"]) for r in rows)
-    th = [sum(r["thought"][i] for r in rows) for i in (0, 1)]
+    thought_counts = [sum(r["thought"][i] for r in rows) for i in (0, 1)]
     return {"task": task, "thoughts": thoughts, "thought_len": think_len if thoughts else 0, "n": n,
             "soft": sum(soft) / n, "soft_ci95": mean_ci(soft), "exact": k / n, "exact_ci95": wilson(k, n),
-            "think_rate": th[0] / max(th[1], 1), "seconds": seconds}
+            "think_rate": thought_counts[0] / max(thought_counts[1], 1), "seconds": seconds}
 
 
-def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[bool], st: EvalSettings,
+def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], with_thoughts: list[bool], settings: EvalSettings,
         items_by_task: dict[str, list[Item]], device, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
     """Evaluate every (task, thoughts) pair on the same items; rows sharded item-wise over ranks."""
     from tqdm import tqdm
@@ -280,14 +280,14 @@ def run(model, tokenizer, cfg: ThoughtConfig, tasks: list[str], settings: list[b
     for task in tasks:
         toks = answer_tokens(tokenizer, task, vocab)
         mine = items_by_task[task][rank::world]
-        for thoughts in settings:
+        for thoughts in with_thoughts:
             t0 = time.perf_counter()
             rows = []
-            batches = [mine[i:i + st.batch_size] for i in range(0, len(mine), st.batch_size)]
+            batches = [mine[i:i + settings.batch_size] for i in range(0, len(mine), settings.batch_size)]
             it = tqdm(batches, desc=f"{task} thoughts={'on' if thoughts else 'off'}", unit="batch", file=sys.stderr,
                       disable=not progress or rank != 0, dynamic_ncols=True)
             for batch in it:
-                rows += eval_batch(model, cfg, tokenizer, task, batch, toks, thoughts, st, device)
+                rows += eval_batch(model, cfg, tokenizer, task, batch, toks, thoughts, settings, device)
             rows = sorted(gather(rows, world), key=lambda r: r["index"])
             results.append(summarise(task, thoughts, rows, time.perf_counter() - t0, cfg.thought_len))
             per_item[f"{task}/thoughts_{'on' if thoughts else 'off'}"] = rows
@@ -299,8 +299,8 @@ def table(results: list[dict]) -> str:
             f"{'thinks':>6}  {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
-        th = f"on/{r['thought_len']}" if r["thoughts"] else "off"
-        lines.append(f"{r['task']:<10} {th:<9} {r['n']:>5}  {100 * r['soft']:6.2f}% "
+        shown = f"on/{r['thought_len']}" if r["thoughts"] else "off"
+        lines.append(f"{r['task']:<10} {shown:<9} {r['n']:>5}  {100 * r['soft']:6.2f}% "
                      f"[{100 * r['soft_ci95'][0]:5.1f}, {100 * r['soft_ci95'][1]:5.1f}]  {100 * r['exact']:6.2f}% "
                      f"[{100 * r['exact_ci95'][0]:5.1f}, {100 * r['exact_ci95'][1]:5.1f}]  "
                      f"{100 * r['think_rate']:5.1f}%  {r['seconds']:7.1f}")
@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskError, ValueError, FileNotFoundError) as e:
         print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
         return 2
-    st = from_options(EvalSettings, args)
-    settings = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
-    out = run(loaded.model, loaded.tokenizer, cfg, tasks, settings, st, items, loaded.device, rank, world)
+    settings = from_options(EvalSettings, args)
+    with_thoughts = {"on": [True], "off": [False], "both": [False, True]}[args.thoughts]
+    out = run(loaded.model, loaded.tokenizer, cfg, tasks, with_thoughts, settings, items, loaded.device, rank, world)
     nll = None
     if nll_file is not None:
         try:
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
             return 2
     if rank == 0:
-        out = {"model": loaded.source, "world_size": world, "thought_config": vars(cfg), "settings": vars(st),
+        out = {"model": loaded.source, "world_size": world, "thought_config": vars(cfg), "settings": vars(settings),
                **out, **({"nll": nll} if nll is not None else {})}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = args.output + ".tmp"

@@ -53,14 +53,14 @@ def plan_step(cfg: Config, world: int) -> StepPlan:
     M = (n - cfg.thought.talk_len) * cfg.thought.n_thoughts
     most = min(M, max(1, (cfg.train.chunk_tokens - n) // L))      # streams per chunk that fit
     best = None
-    for cps in range(math.ceil(M / most), M + 1):
-        per = math.ceil(M / cps)                                     # even chunks of this count
-        cps = math.ceil(M / per)
-        cost = (math.ceil(B * cps / world) * (n + per * L), cps)     # then fewer chunks: less work
+    for count in range(math.ceil(M / most), M + 1):
+        size = math.ceil(M / count)                                     # even chunks of this count
+        count = math.ceil(M / size)
+        cost = (math.ceil(B * count / world) * (n + size * L), count)     # then fewer chunks: less work
         if best is None or cost < best[0]:
-            best = (cost, per, cps)
-    _, per, cps = best
-    return StepPlan(M, per, cps, cps * B, world)
+            best = (cost, size, count)
+    _, size, count = best
+    return StepPlan(M, size, count, count * B, world)
 
 
 def rollout_units(batch: int, positions: int, world: int) -> list[tuple[int, int, int]]:
@@ -76,8 +76,8 @@ def rollout_units(batch: int, positions: int, world: int) -> list[tuple[int, int
 def units_of(units: list, rank: int, world: int) -> list:
     """Rank `rank`'s share of `units`: a contiguous run, padded with the last unit (whose result is
     dropped) so that every rank has as many."""
-    per = -(-len(units) // world)
-    return [units[min(rank * per + j, len(units) - 1)] for j in range(per)]
+    per_rank = -(-len(units) // world)
+    return [units[min(rank * per_rank + j, len(units) - 1)] for j in range(per_rank)]
 
 
 def learn_share(plan: StepPlan, rank: int) -> list[tuple[tuple[int, int, int], float]]:
@@ -93,15 +93,15 @@ def eval_share(count: int, rank: int, world: int) -> list[int]:
     """Rank `rank`'s held-out sequences r, r + W, ..., padded by repeating its last one (dropped by
     `rank_major_order`) so that every rank scores ceil(count / world)."""
     mine = list(range(rank, count, world))
-    per = -(-count // world)
-    return mine + [mine[-1] if mine else 0] * (per - len(mine))
+    per_rank = -(-count // world)
+    return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
 
 
 def rank_major_order(count: int, world: int) -> tuple[list[bool], list[int]]:
     """Rows gathered rank after rank (rank q's `eval_share`, in order) -> (which rows to keep, the
     order that puts the kept ones back as sequences 0..count-1)."""
-    per = -(-count // world)
-    seq = [r * world + q for q in range(world) for r in range(per)]
+    per_rank = -(-count // world)
+    seq = [r * world + q for q in range(world) for r in range(per_rank)]
     keep = [s < count for s in seq]
     kept = [s for s in seq if s < count]
     return keep, sorted(range(len(kept)), key=kept.__getitem__)

@@ -204,7 +204,8 @@ class Trainer:
         units = rollout_units(B, positions.numel(), self.world)
         mine = units_of(units, self.rank, self.world)
         width = max(b - a for _, a, b in units) * r
-        th, rw = x.new_zeros(len(mine), width, t), torch.zeros(len(mine), width, device=x.device)
+        unit_thoughts = x.new_zeros(len(mine), width, t)
+        unit_rewards = torch.zeros(len(mine), width, device=x.device)
         hold = self.dist.rollout_held()
         size = (self.cfg.train.rollout_batch or len(mine)) if hold is not None else 1
         groups: dict[tuple[int, int], list[int]] = {}
@@ -219,12 +220,14 @@ class Trainer:
                                                attention_mask=am[seqs], positions=positions[a:b],
                                                generator=sequence_noise(self.cfg.train.seed, self.step, seqs,
                                                                         self.device)))
-                    th[part, :(b - a) * r], rw[part, :(b - a) * r] = ro.thoughts, ro.rewards.float()
-        th, rw = (gather_rows(v)[:len(units)] for v in (th, rw))          # (units, width, ...)
+                    unit_thoughts[part, :(b - a) * r] = ro.thoughts
+                    unit_rewards[part, :(b - a) * r] = ro.rewards.float()
+        unit_thoughts, unit_rewards = (gather_rows(v)[:len(units)] for v in (unit_thoughts, unit_rewards))  # (units, width..)
         thoughts, rewards = x.new_zeros(B, positions.numel() * r, t), torch.zeros(B, positions.numel() * r,
                                                                                    device=x.device)
         for u, (seq, a, b) in enumerate(units):
-            thoughts[seq, a * r:b * r], rewards[seq, a * r:b * r] = th[u, :(b - a) * r], rw[u, :(b - a) * r]
+            thoughts[seq, a * r:b * r] = unit_thoughts[u, :(b - a) * r]
+            rewards[seq, a * r:b * r] = unit_rewards[u, :(b - a) * r]
         return thoughts, rewards
 
     def _thoughts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
