@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 
@@ -27,34 +26,26 @@ import torch
 
 from . import checkpoint as ckpt
 from .cli import to_yaml
-from .config import Config, ConfigError, ThoughtConfig
+from .config import Config, ConfigError
 from .cpu_memory import keep_freed_memory
 from .data import SequenceStream, check_source, first_sequences
 from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_rows
 from .ds_config import fill_ds_config, load_ds_json, resolve_dtype, zero_stage
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
-from .heldout import flat_metrics, line as heldout_line, sequence_nll, summarize, token_scores, top_positions
+from .heldout import flat_metrics, line as heldout_line
+from .heldout_eval import VIEWER_PAGE, HeldoutEval
 from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
-from .viewer import page_data, render
 from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, filler_token_id, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
 from .rollout import Rollout, default_positions, rollout, sequence_noise
-from .schedule import eval_share, learn_share, plan_step, rank_major_order, rollout_units, units_of
+from .schedule import learn_share, plan_step, rollout_units, units_of
 
 TEMPLATE_DIR = "hf_template"
-VIEWER_PAGE = "thoughts.html"
 
-
-
-def sequence_generator(seed: int, step: int, seq: int, device) -> torch.Generator:
-    """The sampling generator of global sequence `seq` at optimizer step `step`."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq)
-    return g
 
 
 class StepTotals:
@@ -144,11 +135,11 @@ class Trainer:
         split = e.holdout_fraction if e.source is None else 0.0        # training never reads held-out text
         self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,
                                      d.subset, d.seed, state=data_state, holdout=split)
-        self.heldout = first_sequences(SequenceStream(self.tokenizer, e.source or d.source, d.seq_len, d.pack,
+        heldout = first_sequences(SequenceStream(self.tokenizer, e.source or d.source, d.seq_len, d.pack,
                                                       d.split, d.text_field, d.subset, d.seed, holdout=split,
                                                       heldout_side=True), e.sequences)   # (D, n) ids, mask
         self.filler_id = filler_token_id(self.tokenizer, cfg.thought.filler)
-        self.task_items = self._load_task_items()     # GSM8K/CSQA slices: a bad path fails now, not at the end
+        self.evaluate = HeldoutEval(cfg, self.engine, self.dist, self.tokenizer, heldout, self.filler_id)
         self.last_eval: dict | None = None
         self.resumed_from = resume_path
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.train.wandb, cfg.train.wandb_project,
@@ -299,123 +290,6 @@ class Trainer:
                          "thought": self.tokenizer.decode(thoughts[0, m]), "reward": float(rewards[0, m])})
         return rows
 
-    # ---- held-out evaluation ------------------------------------------------------------------
-    def _eval_config(self) -> ThoughtConfig:
-        """The training thought settings with one thought per position at the evaluation temperature."""
-        return dataclasses.replace(self.cfg.thought, n_thoughts=1, temperature=self.cfg.eval.temperature,
-                                   top_k=0)
-
-    @torch.no_grad()
-    def evaluate(self, final: bool = False) -> dict:
-        """Score the held-out sequences (heldout.py), sharded over ranks: rank r takes sequences
-        r, r + W, ... in batches; every rank runs the same number of forwards (a short rank
-        repeats a sequence whose result is dropped). -> summary (also written to
-        output_dir/eval/step_XXXXXXXX.json and the viewer page on rank 0)."""
-        ec, cfg = self.cfg.eval, self._eval_config()
-        ids, mask = (v.to(self.device) for v in self.heldout)                   # (D, n)
-        D, n = ids.shape
-        mine = eval_share(D, self.rank, self.world)
-        per_rank = len(mine)
-        bs = max(1, ec.batch_size // self.world)
-        positions = default_positions(n, cfg.talk_len, self.device)
-        self.engine.eval()
-        parts: dict[str, list] = {}
-        bar = progress(-(-per_rank // bs), 0, desc="held-out eval", unit="batch")
-        with self.dist.rollout_held() or contextlib.nullcontext():
-            for a in range(0, per_rank, bs):
-                for k, v in self._score(cfg, ids, mask, mine[a:a + bs], positions).items():
-                    parts.setdefault(k, []).append(v)
-                bar.update(1)
-        bar.close()
-        self.engine.train()
-        full = self._gather_sequences({k: torch.cat(v) for k, v in parts.items()}, D)   # (D, P) each
-        m = summarize(full, cfg.talk_len)
-        m.update(talk_len=cfg.talk_len, temperature=cfg.temperature)
-        if (final or ec.tasks_every_eval) and self.task_items:
-            m.update(self._task_slices(cfg))
-        if self.rank == 0:
-            self._write_eval(m, full, ids.cpu(), positions.cpu())
-        self.last_eval = m
-        return m
-
-    def _score(self, cfg: ThoughtConfig, ids, mask, rows: list[int], positions) -> dict[str, torch.Tensor]:
-        """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
-        every position (the filler in filler mode; none in off mode, where "with thoughts" is the
-        plain model)."""
-        x, am = ids[rows], mask[rows]
-        mode, t = self.cfg.thought.mode, cfg.thought_len
-        if mode == "off":
-            base_logp = LearnOutput(**self.engine(fn=base_pass, cfg=cfg, input_ids=x, attention_mask=am)).base_logp
-            anchor = positions[None].expand(len(rows), -1)                       # (b, P)
-            sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
-                              cfg.talk_len)
-            return {**sc, "thoughts": x.new_zeros(*anchor.shape, t)}
-        fixed = x.new_full((len(rows), positions.numel(), t), self.filler_id) if mode == "filler" else None
-        ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
-                                   generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.device),
-                                   base_logprobs=True, thoughts=fixed))
-        return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}
-
-    def _gather_sequences(self, local: dict[str, torch.Tensor], D: int) -> dict[str, torch.Tensor]:
-        """Every rank's rows (its schedule.eval_share) -> all D sequences in order."""
-        keep, order = (torch.tensor(v) for v in rank_major_order(D, self.world))
-        return {k: gather_rows(v)[keep.to(v.device)][order.to(v.device)] for k, v in local.items()}
-
-    def _load_task_items(self) -> dict:
-        from .tasks import TaskError, load_items
-        ec = self.cfg.eval
-        try:
-            return {t: load_items(t, None, ec.task_data_dir, k) for t, k in (("gsm8k", ec.gsm8k), ("csqa", ec.csqa)) if k}
-        except TaskError as e:
-            raise ConfigError(f"eval.{'gsm8k' if 'gsm8k' in str(e) else 'csqa'}: {e}") from None
-
-    def _task_slices(self, cfg: ThoughtConfig) -> dict:
-        """GSM8K/CSQA soft scores with and without thoughts on small slices (qstar_ds.evaluate).
-        Every rank scores every item: under ZeRO-3 all ranks must run the same forwards."""
-        from .evaluate import EvalSettings, run
-        self.engine.eval()
-        res = run(self.model, self.tokenizer, cfg, list(self.task_items), [False, True],
-                  EvalSettings(batch_size=self.cfg.eval.batch_size), self.task_items, self.device,
-                  progress=self.rank == 0)
-        self.engine.train()
-        out = {}
-        for r in res["results"]:
-            key = f"{r['task']}_soft_{'thoughts' if r['thoughts'] else 'base'}"
-            out[key], out[key + "_ci95"] = r["soft"], list(r["soft_ci95"])
-        return out
-
-    def _write_eval(self, m: dict, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """eval/step_XXXXXXXX.json (summary, per-sequence NLLs, top positions), thoughts.html (the
-        viewer page of the first held-out sequence) and report.html."""
-        out_dir = self.cfg.train.output_dir
-        anchor = positions[None].expand(ids.shape[0], -1)
-        record = {"step": self.step, "mode": self.cfg.thought.mode, "summary": m,
-                  "sequence_nll_base": sequence_nll(full, False).tolist(),
-                  "sequence_nll_thoughts": sequence_nll(full, True).tolist(),
-                  "top": [] if self.cfg.thought.mode == "off" else
-                  top_positions({k: v.cpu() for k, v in full.items() if k != "thoughts"}, full["thoughts"].cpu(),
-                                ids, self.tokenizer, anchor=anchor, following=self.cfg.thought.talk_len)}
-        os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-        path = os.path.join(out_dir, "eval", f"step_{self.step:08d}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
-        if self.cfg.thought.mode != "off":
-            self._write_viewer(full, ids, positions)
-
-    def _write_viewer(self, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        K, tok = self.cfg.thought.talk_len, self.tokenizer
-        pieces = [tok.decode([i]) for i in ids[0].tolist()]
-        streams = [{"position": int(positions[p]), "text": tok.decode(full["thoughts"][0, p].tolist()),
-                    "gain": float(full["mixed_win"][0, p] - full["base_win"][0, p]), "reward": 0.0,
-                    "w": float(full["w"][0, p])}
-                   for p in range(positions.numel()) if bool(full["valid"][0, p])]
-        meta = (f"step {self.step}, held-out sequence 0 ({self.cfg.thought.mode}); one thought of "
-                f"{self.cfg.thought.thought_len} tokens per position at temperature {self.cfg.eval.temperature}, "
-                f"gain over the next {K} tokens; rewards are not computed in evaluation (0)")
-        with open(os.path.join(self.cfg.train.output_dir, VIEWER_PAGE), "w") as f:
-            f.write(render(page_data(pieces, streams, K, 10, meta), f"step {self.step}"))
-
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -454,7 +328,7 @@ class Trainer:
             last = metrics
             evaluated = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
             if evaluated:
-                ev = self.evaluate(final=self.step == cfg.max_steps)
+                ev = self.last_eval = self.evaluate(self.step, final=self.step == cfg.max_steps)
                 print0(heldout_line(f"eval step {self.step}:", ev))
                 self.logger.line(heldout_line(f"eval step {self.step}:", ev))
                 metrics = {**metrics, **flat_metrics(ev)}
