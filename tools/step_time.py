@@ -17,8 +17,8 @@ The model (per rank; every rank runs the same number of forwards and micro-steps
 - learn: grad_accum micro-steps (schedule.plan_step) of C = n + streams x (t + K + 1) tokens;
   FLOPs 8 P C with gradient checkpointing (forward, recomputed forward, backward = 2 + 2 + 4),
   6 P C without; plus attention 4 layers H keys per token and pass. ZeRO-3 all-gathers the
-  parameters for the forward and again for the backward, and reduce-scatters the gradients, at
-  every micro-step; `overlap` of that hides behind compute (DeepSpeed's prefetch).
+  parameters for every pass (forward, recomputed forward, backward) and reduce-scatters the
+  gradients, at every micro-step; `overlap` of that hides behind compute (DeepSpeed's prefetch).
 - optimizer: Adam over the rank's partition (P / world parameters); ZeRO-2 then all-gathers the
   updated parameters; ZeRO-3 + hpZ (ZeRO++ secondary partition, zero_hpz_partition_size = G)
   gathers across nodes once per step and inside the node at every micro-step.
@@ -133,10 +133,11 @@ def predict(cfg, shape: Shape, nodes: int, gpus: int, rates: Rates, zero: str = 
     fl_chunk = passes * (2 * P * C + attn(n, n / 2) + attn(stream_tokens, n / 2 + L / 2))
     out["learn"] = plan.grad_accum * fl_chunk / rates.learn_flops
     model_flops += plan.total_chunks / world * 3 * (2 * P * C + attn(n, n / 2) + attn(stream_tokens, n / 2 + L / 2))
+    gathers = 3 if cfg.model.gradient_checkpointing else 2     # forward, (recomputed forward,) backward
     if zero == "3":
-        per_micro = collective(3 * pbytes, world, bw_all, rates.latency, 3 * Ly)
+        per_micro = collective((gathers + 1) * pbytes, world, bw_all, rates.latency, (gathers + 1) * Ly)
     elif zero == "3+hpz":
-        per_micro = collective(2 * pbytes, gpus, bw_node, rates.latency, 2 * Ly) + \
+        per_micro = collective(gathers * pbytes, gpus, bw_node, rates.latency, gathers * Ly) + \
             collective(pbytes, world, bw_all, rates.latency, Ly)
     else:
         per_micro = collective(pbytes, world, bw_all, rates.latency, Ly)
