@@ -117,6 +117,14 @@ def _texts(rows, start: int, text_field: str, where: str) -> Iterator[str]:
         yield text
 
 
+def json_line(line: str, where: str, error: type[Exception]):
+    """One parsed line of a jsonl file, or `error` naming `where` and what is wrong with it."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
 def check_source(source: str, text_field: str = "text", key: str = "data.source", lines: int = 200) -> None:
     """Open a local data file and check its first documents (`lines` lines of .jsonl/.txt, the
     schema of .parquet) without `datasets`: cheap, before the model is built. One DataError line
@@ -160,10 +168,7 @@ def check_source(source: str, text_field: str = "text", key: str = "data.source"
                                 f"at column {e.start + 1})") from None
             if ext != ".jsonl" or not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{key}={source!r} line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+            row = json_line(line, f"{key}={source!r} line {number}", DataError)
             if not isinstance(row, dict):
                 raise DataError(f"{key}={source!r} line {number}: a JSON {type(row).__name__}, not an object")
             if not isinstance(row.get(text_field), str):

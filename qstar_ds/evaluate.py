@@ -104,17 +104,17 @@ def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], tho
     B = len(rows)
     pad = tokenizer.pad_token_id or 0
     ids = torch.full((B, n), pad, dtype=torch.long)
-    am = torch.zeros(B, n, dtype=torch.long)
+    x_mask = torch.zeros(B, n, dtype=torch.long)
     A = max(len(a) for _, a in spans)
     anchor = torch.zeros(B, A, dtype=torch.long)
     for b, (r, (lp, a)) in enumerate(zip(rows, spans)):
         off = n - len(r)
-        ids[b, off:], am[b, off:] = torch.tensor(r), 1
+        ids[b, off:], x_mask[b, off:] = torch.tensor(r), 1
         pos = [off + lp - 1 + j for j in range(len(a))]          # the token before each answer token
         anchor[b] = torch.tensor(pos + [pos[-1]] * (A - len(a)))
-    ids, am, anchor = ids.to(device), am.to(device), anchor.to(device)
+    ids, x_mask, anchor = ids.to(device), x_mask.to(device), anchor.to(device)
     cache = new_cache() if thoughts else None
-    base_valid = am.bool()
+    base_valid = x_mask.bool()
     h = model.hidden(ids, Layout.base_only(base_valid, cfg.attention_backend), cache)   # (B, n, H)
     h_base = h.gather(1, anchor[..., None].expand(-1, -1, h.shape[-1]))                 # (B, A, H)
     thought_ids = None
@@ -166,8 +166,8 @@ def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item
                         "soft": soft_score(logp, a, toks.valid), "thought": [int(used.sum()), len(a)]})
         return out
     # gsm8k: soft from the teacher-forced pass, exact from a greedy direct answer
-    ids, am = left_pad(tokenizer, [it.prompt for it in items], device)
-    gen = generate(model, ids, am, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
+    ids, x_mask = left_pad(tokenizer, [it.prompt for it in items], device)
+    gen = generate(model, ids, x_mask, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
                                                        think_threshold=settings.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
                    generator=g)
@@ -184,17 +184,17 @@ def eval_batch(model, cfg: ThoughtConfig, tokenizer, task: str, items: list[Item
 def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, settings: EvalSettings, g, device) -> list[dict]:
     k = settings.cot_samples
     prompts = [it.prompt + COT_TRIGGER for it in items for _ in range(k)]
-    ids, am = left_pad(tokenizer, prompts, device)
+    ids, x_mask = left_pad(tokenizer, prompts, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
-    reason = generate(model, ids, am, cfg, GenerateConfig(settings.cot_max_tokens, settings.cot_temperature, thoughts=thoughts,
-                                                          think_threshold=settings.think_threshold, stop=["\nQ:"]),
-                      tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
+    sampling = GenerateConfig(settings.cot_max_tokens, settings.cot_temperature, thoughts=thoughts,
+                              think_threshold=settings.think_threshold, stop=["\nQ:"])
+    reason = generate(model, ids, x_mask, cfg, sampling, tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     texts = []
     for b in range(len(prompts)):
         t = tokenizer.decode(reason.tokens[b, :int(reason.lengths[b])].tolist(), skip_special_tokens=True)
         texts.append(t.split("\nQ:")[0].rstrip())
-    ids, am = left_pad(tokenizer, [p + t + COT_ANSWER for p, t in zip(prompts, texts)], device)
-    ans = generate(model, ids, am, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
+    ids, x_mask = left_pad(tokenizer, [p + t + COT_ANSWER for p, t in zip(prompts, texts)], device)
+    ans = generate(model, ids, x_mask, cfg, GenerateConfig(settings.max_answer_tokens, 0.0, thoughts=thoughts,
                                                        think_threshold=settings.think_threshold, stop=["\n"]),
                    tokenizer=tokenizer, eos_id=eos, pad_id=pad, generator=g)
     out = []
@@ -223,9 +223,9 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
     parts: dict[str, list] = {}
     for a in tqdm(range(0, ids.shape[0], batch_size), desc="nll", unit="batch", file=sys.stderr,
                   disable=not progress, dynamic_ncols=True):
-        x, am = ids[a:a + batch_size].to(dev), mask[a:a + batch_size].to(dev)
+        x, x_mask = ids[a:a + batch_size].to(dev), mask[a:a + batch_size].to(dev)
         fixed = None if filler_id is None else x.new_full((x.shape[0], positions.numel(), cfg.thought_len), filler_id)
-        ro = rollout(model, cfg, x, am, positions, torch.Generator(device=dev).manual_seed(seed + a),
+        ro = rollout(model, cfg, x, x_mask, positions, torch.Generator(device=dev).manual_seed(seed + a),
                      base_logprobs=True, thoughts=fixed)
         for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w).items():
             parts.setdefault(k, []).append(v.cpu())
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_options(ap, EvalSettings)
     ap.add_argument("--nll_seq_len", type=int, default=128, help="nll: tokens per packed sequence")
     ap.add_argument("--nll_sequences", type=int, default=64, help="nll: sequences scored (fewer if the file ends)")
-    ap.add_argument("--talk_len", type=int, default=4, help="nll: K of the non-myopic window")
+    add_dataclass_options(ap, ThoughtConfig, ["talk_len"])
     ap.add_argument("--text_field", default="text", help="nll: the text column of a jsonl/json/parquet file")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)

@@ -218,11 +218,11 @@ def left_pad(tokenizer, texts: list[str], device=None) -> tuple[torch.Tensor, to
     n = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    am = torch.zeros(len(rows), n, dtype=torch.long)
+    x_mask = torch.zeros(len(rows), n, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, n - len(r):] = torch.tensor(r)
-        am[i, n - len(r):] = 1
-    return ids.to(device), am.to(device)
+        x_mask[i, n - len(r):] = 1
+    return ids.to(device), x_mask.to(device)
 
 
 def render(tokenizer, g: Generation, row: int, show_thoughts: bool) -> str:
@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qstar_ds.generate: error: {e}", file=sys.stderr)
         return 2
     model, tok = loaded.model, loaded.tokenizer
-    ids, am = left_pad(tok, args.prompt, loaded.device)
+    ids, x_mask = left_pad(tok, args.prompt, loaded.device)
     g = torch.Generator(device=loaded.device).manual_seed(args.seed)
-    out = generate(model, ids, am, cfg, gen, tokenizer=tok, eos_id=tok.eos_token_id,
+    out = generate(model, ids, x_mask, cfg, gen, tokenizer=tok, eos_id=tok.eos_token_id,
                    pad_id=tok.pad_token_id or 0, generator=g)
     for b, p in enumerate(args.prompt):
         print(f"--- prompt {b}: {p!r}")

@@ -93,16 +93,16 @@ class HeldoutEval:
         """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
         every position (the filler in filler mode; none in off mode, where "with thoughts" is the
         plain model)."""
-        x, am = ids[rows], mask[rows]
+        x, x_mask = ids[rows], mask[rows]
         mode, t = self.cfg.thought.mode, cfg.thought_len
         if mode == "off":
-            base_logp = LearnOutput(**self.engine(fn=base_pass, cfg=cfg, input_ids=x, attention_mask=am)).base_logp
+            base_logp = LearnOutput(**self.engine(fn=base_pass, cfg=cfg, input_ids=x, attention_mask=x_mask)).base_logp
             anchor = positions[None].expand(len(rows), -1)                       # (b, P)
-            sc = token_scores(base_logp, None, anchor, stream_validity(am.bool(), anchor, cfg.talk_len), None,
+            sc = token_scores(base_logp, None, anchor, stream_validity(x_mask.bool(), anchor, cfg.talk_len), None,
                               cfg.talk_len)
             return {**sc, "thoughts": x.new_zeros(*anchor.shape, t)}
         fixed = x.new_full((len(rows), positions.numel(), t), self.filler_id) if mode == "filler" else None
-        ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=am, positions=positions,
+        ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=x_mask, positions=positions,
                                    generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.dist.device),
                                    base_logprobs=True, thoughts=fixed))
         return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}

@@ -11,10 +11,11 @@ only newlines. Never hard-coded ids: the sets are built for whichever vocabulary
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
+
+from .data import json_line
 
 TASKS = ("gsm8k", "csqa", "gsm8k_cot")
 LOCAL_FILES = {"gsm8k": os.path.join("gsm8k", "test.jsonl"), "csqa": os.path.join("commonsenseqa", "dev.jsonl")}
@@ -104,11 +105,7 @@ def load_items(task: str, path: str | None = None, data_dir: str | None = None, 
                     break
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{ln}: not JSON ({e.msg})") from None
-                items.append(make(len(items), row, f"{path}:{ln}"))
+                items.append(make(len(items), json_line(line, f"{path}:{ln}", TaskError), f"{path}:{ln}"))
     else:
         from datasets import load_dataset
         name, sub, split = HUB[base]

@@ -181,7 +181,7 @@ class Trainer:
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def _rollouts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rollouts(self, x: torch.Tensor, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> thoughts (B, M, t), rewards (B, M): the step's rollout cut into units (whole sequences,
         or blocks of positions when there are more ranks than sequences: schedule.rollout_units),
         each rank rolling out its units and all-gathering the results. The sampling noise is a
@@ -208,12 +208,12 @@ class Trainer:
                     part = js[c:c + size]
                     seqs = [mine[j][0] for j in part]
                     ro = Rollout(**self.engine(fn=rollout, cfg=self.cfg.thought, input_ids=x[seqs],
-                                               attention_mask=am[seqs], positions=positions[a:b],
+                                               attention_mask=x_mask[seqs], positions=positions[a:b],
                                                generator=sequence_noise(self.cfg.train.seed, self.step, seqs,
                                                                         self.device)))
                     unit_thoughts[part, :(b - a) * r] = ro.thoughts
                     unit_rewards[part, :(b - a) * r] = ro.rewards.float()
-        unit_thoughts, unit_rewards = (gather_rows(v)[:len(units)] for v in (unit_thoughts, unit_rewards))  # (units, width..)
+        unit_thoughts, unit_rewards = (gather_rows(v)[:len(units)] for v in (unit_thoughts, unit_rewards))
         thoughts, rewards = x.new_zeros(B, positions.numel() * r, t), torch.zeros(B, positions.numel() * r,
                                                                                    device=x.device)
         for u, (seq, a, b) in enumerate(units):
@@ -221,50 +221,50 @@ class Trainer:
             rewards[seq, a * r:b * r] = unit_rewards[u, :(b - a) * r]
         return thoughts, rewards
 
-    def _thoughts(self, x: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _thoughts(self, x: torch.Tensor, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """thoughts (B, M, t) and rewards (B, M) of this step: sampled and scored (quiet_star), the
         filler token everywhere with reward 0 (filler), or none (off)."""
         B, n = x.shape
         t, mode = self.cfg.thought.thought_len, self.cfg.thought.mode
         if mode == "quiet_star":
-            return self._rollouts(x, am)
+            return self._rollouts(x, x_mask)
         M = self.plan.n_streams
         thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
         return thoughts, torch.zeros(B, M, device=x.device)
 
-    def _learn(self, x, am, seq: int, a: int, b: int, anchor, thoughts, rewards, norm: Normalizer) -> LearnOutput:
+    def _learn(self, x, x_mask, seq: int, a: int, b: int, anchor, thoughts, rewards, norm: Normalizer) -> LearnOutput:
         """The learn micro-step of streams a..b of sequence `seq` (off mode: its base NLL)."""
-        one = dict(cfg=self.cfg.thought, input_ids=x[seq:seq + 1], attention_mask=am[seq:seq + 1], norm=norm)
+        one = dict(cfg=self.cfg.thought, input_ids=x[seq:seq + 1], attention_mask=x_mask[seq:seq + 1], norm=norm)
         if self.cfg.thought.mode == "off":
             return LearnOutput(**self.engine(fn=base_pass, **one))
         return LearnOutput(**self.engine(fn=learn_pass, anchor=anchor[seq:seq + 1, a:b],
                                          thoughts=thoughts[seq:seq + 1, a:b], rewards=rewards[seq:seq + 1, a:b],
                                          base_loss=(a == 0), **one))
 
-    def train_step(self, x: torch.Tensor, am: torch.Tensor) -> tuple[dict, tuple]:
+    def train_step(self, x: torch.Tensor, x_mask: torch.Tensor) -> tuple[dict, tuple]:
         """One optimizer step (module docstring). -> (metrics, what the thought table shows)."""
-        x, am = x.to(self.device), am.to(self.device)
+        x, x_mask = x.to(self.device), x_mask.to(self.device)
         t0 = time.perf_counter()
-        thoughts, rewards = self._thoughts(x, am)                                  # (B, M, t), (B, M)
+        thoughts, rewards = self._thoughts(x, x_mask)                                  # (B, M, t), (B, M)
         t_rollout = time.perf_counter() - t0
-        anchor, valid, norm = self._streams(am)                                    # (B, M), (B, M)
+        anchor, valid, norm = self._streams(x_mask)                                    # (B, M), (B, M)
         totals = StepTotals(self.device)
         for (seq, a, b), weight in learn_share(self.plan, self.rank):
-            out = self._learn(x, am, seq, a, b, anchor, thoughts, rewards, norm)
+            out = self._learn(x, x_mask, seq, a, b, anchor, thoughts, rewards, norm)
             self.dist.backward_step(out.loss, weight)
             totals.add(out, weight)
         metrics = self._step_metrics(totals, rewards[valid], x.numel(), time.perf_counter() - t0, t_rollout)
         return metrics, (x, thoughts, rewards, anchor, valid)
 
-    def _streams(self, am: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
+    def _streams(self, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
         """The step's stream anchors (B, M), which streams have a full talk window (B, M), and the
         normaliser of the whole step's losses (global counts)."""
-        B, n = am.shape
+        B, n = x_mask.shape
         positions = default_positions(n, self.cfg.thought.talk_len, self.device)
         anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)
         anchor = anchor[:, :self.plan.n_streams]                                   # off: no streams
-        valid = stream_validity(am.bool(), anchor, self.cfg.thought.talk_len)
-        return anchor, valid, Normalizer(float(valid.sum()), float(base_target_mask(am.bool()).sum()))
+        valid = stream_validity(x_mask.bool(), anchor, self.cfg.thought.talk_len)
+        return anchor, valid, Normalizer(float(valid.sum()), float(base_target_mask(x_mask.bool()).sum()))
 
     def _step_metrics(self, totals: "StepTotals", rewards: torch.Tensor, tokens: int, seconds: float,
                       rollout_seconds: float) -> dict:
@@ -319,9 +319,9 @@ class Trainer:
     def _loop(self, cfg, bar, preempt: Preemption) -> dict:
         last = {}
         while self.step < cfg.max_steps:
-            x, am = self.stream.next_batch(cfg.batch_size)
+            x, x_mask = self.stream.next_batch(cfg.batch_size)
             skipped_before = self.engine.skipped_steps
-            metrics, sample = self.train_step(x, am)
+            metrics, sample = self.train_step(x, x_mask)
             self.step += 1
             self.samples += cfg.batch_size
             bad = self._check_finite(metrics, cfg.max_bad_steps, self.engine.skipped_steps > skipped_before)

@@ -42,7 +42,7 @@ def test_load_items_errors(tmp_path):
         load_items("gsm8k", str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GSM_ROW) + "\n{oops\n")
-    with pytest.raises(TaskError, match=r"bad.jsonl:2: not JSON"):
+    with pytest.raises(TaskError, match=r"bad.jsonl:2: not valid JSON \(.*column 2\)"):
         load_items("gsm8k", str(bad))
     assert len(load_items("gsm8k", str(bad), limit=1)) == 1
     with pytest.raises(TaskError, match="unknown"):

@@ -63,7 +63,8 @@ def collect(model, tokenizer, text: str, cfg, max_tokens: int, top: int, seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qstar_ds.config import ConfigError
+    from qstar_ds.cli import add_dataclass_options
+    from qstar_ds.config import ConfigError, ThoughtConfig
     from qstar_ds.loading import add_model_args, load_from_args, thought_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text")
     src.add_argument("--text_file")
     ap.add_argument("--output", default="thoughts.html")
-    ap.add_argument("--n_thoughts", type=int, default=2)
-    ap.add_argument("--talk_len", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    add_dataclass_options(ap, ThoughtConfig, ["n_thoughts", "talk_len", "temperature"])
     ap.add_argument("--max_tokens", type=int, default=256)
     ap.add_argument("--top", type=int, default=10, help="rows of the 'helped most' table")
     ap.add_argument("--seed", type=int, default=0)
