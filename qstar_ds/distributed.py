@@ -259,7 +259,7 @@ class Strategy:
         self.device_type = device_type()
         self.rank, self.world, self.local_rank = init_distributed(self.device_type)
         self.device = torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
-        self.engine = None
+        self.engine, self.ds_config = None, {}          # set by build()
         self._hf_ds_config = None
 
     def zero_init(self, ds_config: dict) -> None:
