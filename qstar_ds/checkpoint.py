@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -343,21 +344,75 @@ def newer_than(output_dir: str, step: int) -> list[str]:
     return [p for s, p in complete_checkpoints(os.path.join(output_dir, CKPT_SUBDIR)) if s > step]
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _newest_line(ckpt_dir: str) -> str:
+    newest = complete_checkpoints(ckpt_dir)
+    return f"the newest complete checkpoint is {newest[-1][1]}" if newest else "no checkpoint was written yet"
+
+
+def bytes_to_write(ckpt_dir: str, n_params: int, world: int) -> int:
+    """This rank's share of the next checkpoint: the newest complete one's size over `world`, or,
+    before the first, 16 bytes per parameter over `world` (fp32 weights and two Adam moments)."""
+    newest = complete_checkpoints(ckpt_dir)
+    if newest:
+        try:
+            total = sum(int(v[0]) for v in (read_meta(newest[-1][1]).get("files") or {}).values())
+            if total:
+                return -(-total // world)
+        except (OSError, ValueError, AttributeError, TypeError, IndexError):
+            pass
+    return -(-16 * n_params // world)
+
+
+def check_space(ckpt_dir: str, need: int, step: int) -> None:
+    """Refuse, on every rank with the same line, a save that would not fit: ranks on one host
+    writing to one filesystem add up their shares (a filesystem shared across hosts is only
+    caught when the write fails: see save)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    row = (socket.gethostname(), os.stat(ckpt_dir).st_dev, shutil.disk_usage(ckpt_dir).free, need)
+    disks: dict[tuple, list[int]] = {}
+    for host, dev, free, n in distributed.gather_objects(row):
+        disks.setdefault((host, dev), [free, 0])[1] += n
+    for (host, _), (free, n) in disks.items():
+        if free < n + MIN_FREE_BYTES:
+            where = f" on {host}" if len(disks) > 1 else ""
+            raise CheckpointError(f"checkpoint step {step}: about {_gib(n)} to write under {ckpt_dir}{where}, only "
+                                  f"{_gib(free)} free there: free space or set train.output_dir to a larger disk "
+                                  f"(train.keep_last sets how many are kept); nothing was written, "
+                                  f"{_newest_line(ckpt_dir)}")
+
+
 def save(engine, output_dir: str, step: int, meta: dict, keep_last: int, hashes: bool = True) -> str:
     """Write checkpoint `step` (collective: every rank calls it). Returns its path. The meta gets
-    the size and sha256 of every file (each rank hashes and fsyncs a share) before COMPLETE."""
+    the size and sha256 of every file (each rank hashes and fsyncs a share) before COMPLETE.
+    A save that cannot fit, or whose writing fails, is one CheckpointError line; the earlier
+    complete checkpoints are untouched."""
     ckpt_dir = os.path.join(output_dir, CKPT_SUBDIR)
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
     rank, world = distributed.rank(), distributed.world()
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    check_space(ckpt_dir, bytes_to_write(ckpt_dir, n_params, world), step)
     if rank == 0 and os.path.isdir(path):
         if os.path.isfile(os.path.join(path, COMPLETE)):   # another run's or branch's: kept
             supersede(path)
         else:                                                # an interrupted earlier save of this step
             shutil.rmtree(path)
     distributed.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"qstar_step": step}, save_latest=False)
-    _atomic_write(os.path.join(path, f"rank_state_{rank:05d}.json"), json.dumps(rng_state()))
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"qstar_step": step}, save_latest=False)
+        _atomic_write(os.path.join(path, f"rank_state_{rank:05d}.json"), json.dumps(rng_state()))
+    except (OSError, RuntimeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+        if "unexpected pos" in why or "file write failed" in why:     # how torch.save reports a short write
+            why = f"a short write: disk full, quota or file-size limit ({why})"
+        free = shutil.disk_usage(ckpt_dir).free
+        raise CheckpointError(f"checkpoint step {step}: writing {path} failed ({type(e).__name__}: {why}; "
+                              f"{_gib(free)} free on its disk): that directory is incomplete and never resumed "
+                              f"from, {_newest_line(ckpt_dir)}") from None
     distributed.barrier()
     shares = distributed.gather_objects(manifest_share(path, rank, world, hashes))
     if rank == 0:

@@ -342,6 +342,58 @@ def test_bad_output_dir_is_one_line(tmp_path):
     one_line_error(run(["--max_steps", "1"], f / "sub"), "not writable")
 
 
+FULL_DISK_SAVE = """
+import json, os, resource, signal, sys, torch
+from qstar_ds import checkpoint as ckpt
+out, step = sys.argv[1], int(sys.argv[2])
+
+class Engine:                          # writes what DeepSpeed writes for one rank: torch.save files
+    module = torch.nn.Linear(512, 512)
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+        torch.save(self.module.state_dict(), os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit fails like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    ckpt.save(Engine(), out, step, {"step": step}, keep_last=2)
+except ckpt.CheckpointError as e:
+    print("ERROR", e)
+"""
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_last_complete_one(copy, tmp_path):
+    """The write of a checkpoint fails (a full disk, a quota, a file-size limit): one line naming
+    the directory and the cause; the complete checkpoints stay as they were and --resume auto still
+    picks the newest."""
+    before = {p: p.stat().st_size for p in ckpt(copy, STEPS).iterdir()}
+    res = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(copy), str(STEPS + 1)], env=ENV,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ERROR")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr[-2000:]
+    assert f"checkpoint step {STEPS + 1}: writing {ckpt(copy, STEPS + 1)} failed" in lines[0], lines[0]
+    assert f"the newest complete checkpoint is {ckpt(copy, STEPS)}" in lines[0], lines[0]
+    assert {p: p.stat().st_size for p in ckpt(copy, STEPS).iterdir()} == before
+    assert steps_present(copy) == [3, 4, 5]
+    assert not (ckpt(copy, STEPS + 1) / "COMPLETE").exists()
+
+
+def test_checkpoint_that_cannot_fit_is_refused_before_writing(copy):
+    from qstar_ds import checkpoint as ck
+    ckpt_dir = str(copy / "checkpoints")
+    share = ck.bytes_to_write(ckpt_dir, n_params=1, world=1)     # the newest checkpoint's size, not 16 bytes
+    assert share == sum(p.stat().st_size for p in ckpt(copy, STEPS).iterdir() if p.name not in ("COMPLETE", ck.META))
+    assert ck.bytes_to_write(str(copy / "none"), n_params=1000, world=4) == 4000
+    ck.check_space(ckpt_dir, share, STEPS + 1)                   # fits: no error
+    free = shutil.disk_usage(ckpt_dir).free
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.check_space(ckpt_dir, free, STEPS + 1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint step {STEPS + 1}: about ") and "free there" in msg, msg
+    assert f"the newest complete checkpoint is {ckpt(copy, STEPS)}" in msg, msg
+    assert not ckpt(copy, STEPS + 1).exists() and steps_present(copy) == [3, 4, 5]
+
+
 def test_sigterm_to_the_deepspeed_runner_alone_stops_its_ranks_with_a_checkpoint(tmp_path):
     """The runner exits on SIGTERM without passing it on; its launcher and ranks used to train on
     unattended. Now the ranks notice their launcher is gone, save after the step and exit."""
