@@ -394,14 +394,14 @@ def save(engine, output_dir: str, step: int, meta: dict, keep_last: int, hashes:
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
     rank, world = distributed.rank(), distributed.world()
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    check_space(ckpt_dir, bytes_to_write(ckpt_dir, n_params, world), step)
     if rank == 0 and os.path.isdir(path):
         if os.path.isfile(os.path.join(path, COMPLETE)):   # another run's or branch's: kept
             supersede(path)
         else:                                                # an interrupted earlier save of this step
             shutil.rmtree(path)
     distributed.barrier()
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    check_space(ckpt_dir, bytes_to_write(ckpt_dir, n_params, world), step)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"qstar_step": step}, save_latest=False)
         _atomic_write(os.path.join(path, f"rank_state_{rank:05d}.json"), json.dumps(rng_state()))
