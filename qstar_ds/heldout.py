@@ -16,7 +16,9 @@ exactly 0.
 Aggregates (`summarize`): mean NLL with and without thoughts, the gain with a 95% confidence
 interval over sequences (each sequence's mean gain is one observation), the gain by difficulty
 (scored tokens sorted by their base NLL and cut into ten equal groups; "hard10" is the
-hardest group) and the positions
+hardest group), the gain at each sequence's first scored position apart from the rest (with
+unpacked documents that token follows a document's first token, a format token such as a
+title's "#", which a mixing head learns to correct without thinking) and the positions
 where thinking helped most. Pure tensor code: the caller runs the model (trainer: through the
 DeepSpeed engine; evaluate.py: a loaded model).
 """
@@ -80,6 +82,10 @@ def summarize(s: dict[str, torch.Tensor], talk_len: int, deciles: int = 10) -> d
         out[name] = m
         if name.startswith("gain"):
             out[name + "_ci95"] = [lo, hi]
+    first = first_valid(valid)
+    for name, where in (("first", first), ("rest", valid & ~first)):
+        m, lo, hi = mean_ci(per_sequence(gain, where))
+        out[f"gain_{name}"], out[f"gain_{name}_ci95"] = m, [lo, hi]
     # difficulty: scored tokens sorted by base NLL, cut into `deciles` groups of equal size
     nll = (-s["base"])[valid]
     g = gain[valid]
@@ -93,11 +99,19 @@ def summarize(s: dict[str, torch.Tensor], talk_len: int, deciles: int = 10) -> d
     return out
 
 
-def sequence_nll(s: dict[str, torch.Tensor], with_thoughts: bool) -> torch.Tensor:
+def first_valid(valid: torch.Tensor) -> torch.Tensor:
+    """(D, P) bool -> (D, P) bool: only each sequence's first valid position."""
+    v = valid.bool()
+    return v & (v.cumsum(1) == 1)
+
+
+def sequence_nll(s: dict[str, torch.Tensor], with_thoughts: bool, skip_first: bool = False) -> torch.Tensor:
     """(D,) each sequence's mean NLL (nats/token) with or without thoughts: the paired values the
-    experiment tool compares across arms (same held-out sequences, same tokens)."""
+    experiment tool compares across arms (same held-out sequences, same tokens). `skip_first`:
+    without each sequence's first scored position."""
     x = -(s["mixed"] if with_thoughts else s["base"])
-    v = s["valid"].double()
+    valid = s["valid"].bool()
+    v = (valid & ~first_valid(valid) if skip_first else valid).double()
     return (x * v).sum(1) / v.sum(1).clamp(min=1)
 
 

@@ -128,13 +128,16 @@ class HeldoutEval:
         return out
 
     def _write_eval(self, m: dict, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """eval/step_XXXXXXXX.json (summary, per-sequence NLLs, top positions), thoughts.html (the
-        viewer page of the first held-out sequence) and report.html."""
+        """eval/step_XXXXXXXX.json (summary, per-sequence NLLs with and without the first scored
+        position, top positions), thoughts.html (the viewer page of the first held-out sequence)
+        and report.html."""
         out_dir = self.cfg.train.output_dir
         anchor = positions[None].expand(ids.shape[0], -1)
         record = {"step": self.step, "mode": self.cfg.thought.mode, "summary": m,
                   "sequence_nll_base": sequence_nll(full, False).tolist(),
                   "sequence_nll_thoughts": sequence_nll(full, True).tolist(),
+                  "sequence_nll_base_rest": sequence_nll(full, False, skip_first=True).tolist(),
+                  "sequence_nll_thoughts_rest": sequence_nll(full, True, skip_first=True).tolist(),
                   "top": [] if self.cfg.thought.mode == "off" else
                   top_positions({k: v.cpu() for k, v in full.items() if k != "thoughts"}, full["thoughts"].cpu(),
                                 ids, self.tokenizer, anchor=anchor, following=self.cfg.thought.talk_len)}

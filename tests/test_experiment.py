@@ -42,10 +42,13 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     assert len(rows) == 6 and all("gsm8k " in ln and "csqa " in ln for ln in rows), rows   # the slices
     assert "quiet_star (with thoughts) - filler (best)" in lines and "quiet_star (with thoughts) - off (best)" in lines
     assert "over 12 (seed, sequence) pairs" in lines                     # 6 held-out sequences x 2 seeds
+    assert "quiet_star (with thoughts) - filler (best), without each sequence's first scored token" in lines
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final"]) == {f"{a}_s{s}" for a in ("quiet_star", "filler", "off") for s in (0, 1)}
     # arms of one seed are scored on the same held-out sequences; the plain model has no gain
     assert summary["final"]["off_s0"]["gain"] == 0.0
+    assert set(summary["compare_rest"]) == {"filler", "off"} and summary["compare_rest"]["off"]["n"] == 12
+    assert summary["compare_rest"]["off"]["pooled"] != summary["compare"]["off"]["pooled"]
     assert summary["final"]["off_s0"]["nll_base"] != summary["final"]["off_s1"]["nll_base"]
     assert (out / "experiment.png").stat().st_size > 10_000
     # again: nothing left to run

@@ -85,6 +85,16 @@ def test_summarize_equals_brute_force():
     assert flat["eval/gain_lo"] == m["gain_ci95"][0]
     seq = sequence_nll(s, True)
     assert float(seq[0]) == pytest.approx(float(-mixed[0][valid[0]].mean()))
+    # each sequence's first scored position apart from the rest
+    firsts = [int(valid[d].nonzero()[0]) for d in range(D) if valid[d].any()]
+    rows = [d for d in range(D) if valid[d].any()]
+    g_first = [float(mixed[d, p] - base[d, p]) for d, p in zip(rows, firsts)]
+    assert m["gain_first"] == pytest.approx(sum(g_first) / len(g_first), abs=1e-12)
+    rest = [float((mixed[d] - base[d])[valid[d]][1:].mean()) for d in rows]
+    assert m["gain_rest"] == pytest.approx(sum(rest) / len(rest), abs=1e-12)
+    assert m["gain_rest"] != pytest.approx(m["gain"], abs=1e-6)
+    seq_rest = sequence_nll(s, True, skip_first=True)
+    assert float(seq_rest[0]) == pytest.approx(float(-mixed[0][valid[0]][1:].mean()))
 
 
 def test_heldout_split_is_disjoint_and_resumable():

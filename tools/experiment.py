@@ -73,10 +73,14 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
     return ev
 
 
-def best_nll(ev: dict) -> list[float]:
+BEST, BEST_REST = "sequence_nll_thoughts", "sequence_nll_thoughts_rest"
+
+
+def best_nll(ev: dict, key: str = BEST) -> list[float]:
     """Each held-out sequence's NLL of the arm's own best prediction: with thoughts (the plain
-    model's in off mode, where both are equal)."""
-    return ev["sequence_nll_thoughts"]
+    model's in off mode, where both are equal). BEST_REST: without the sequence's first scored
+    position (heldout.py: a document's format token when documents are not packed)."""
+    return ev[key]
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float, float]:
@@ -89,15 +93,16 @@ def mean_ci(xs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def compare(evs: dict, arms: list[str], seeds: list[int]) -> dict:
-    """quiet_star's NLL with thoughts minus each control's, paired by held-out sequence."""
+def compare(evs: dict, arms: list[str], seeds: list[int], key: str = BEST) -> dict:
+    """quiet_star's NLL with thoughts minus each control's, paired by held-out sequence (none
+    where some run's evaluation lacks `key`: written before it existed)."""
     out = {}
-    if "quiet_star" not in arms:
+    if "quiet_star" not in arms or any(key not in ev for ev in evs.values()):
         return out
     for ctrl in [a for a in arms if a != "quiet_star"]:
         pooled, per_seed = [], {}
         for s in seeds:
-            q, c = best_nll(evs[("quiet_star", s)]), best_nll(evs[(ctrl, s)])
+            q, c = best_nll(evs[("quiet_star", s)], key), best_nll(evs[(ctrl, s)], key)
             if len(q) != len(c):
                 raise SystemExit(f"[experiment] seed {s}: quiet_star and {ctrl} were evaluated on different "
                                  f"held-out sets ({len(q)} vs {len(c)} sequences)")
@@ -108,7 +113,7 @@ def compare(evs: dict, arms: list[str], seeds: list[int]) -> dict:
     return out
 
 
-def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict) -> str:
+def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict, cmp_rest: dict) -> str:
     head = (f"{'arm':<11} {'seed':>4}  {'NLL base':>9} {'NLL w/ th':>9}  {'gain':>8} {'95% CI':>19}  "
             f"{'hard10':>8}  {'w':>7}  {'tasks (soft, base -> thoughts)'}")
     lines = [head, "-" * len(head)]
@@ -121,12 +126,13 @@ def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict) -> str:
             lines.append(f"{a:<11} {s:>4}  {m['nll_base']:9.4f} {m['nll_mixed']:9.4f}  {m['gain']:+8.4f} "
                          f"[{lo:+.4f}, {hi:+.4f}]  {m.get('gain_hard10', float('nan')):+8.4f}  {m['mix_w']:7.4f}  {tasks}")
     lines.append("")
-    for ctrl, c in cmp.items():
-        m, lo, hi = c["pooled"]
-        verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
-        seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
-        lines.append(f"quiet_star (with thoughts) - {ctrl} (best): {m:+.4f} nats/token, 95% CI [{lo:+.4f}, {hi:+.4f}] "
-                     f"over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
+    for what, res in (("", cmp), (", without each sequence's first scored token", cmp_rest)):
+        for ctrl, c in res.items():
+            m, lo, hi = c["pooled"]
+            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
+            seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
+            lines.append(f"quiet_star (with thoughts) - {ctrl} (best){what}: {m:+.4f} nats/token, 95% CI "
+                         f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
     return "\n".join(lines)
 
 
@@ -209,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             (["--eval.task_data_dir", args.task_data_dir] if args.task_data_dir else []) + extra
     os.makedirs(args.out, exist_ok=True)
     evs = {(a, s): run_one(args, a, s, extra) for s in seeds for a in arms}
-    cmp = compare(evs, arms, seeds)
-    text = table(evs, arms, seeds, cmp)
+    cmp, cmp_rest = compare(evs, arms, seeds), compare(evs, arms, seeds, BEST_REST)
+    text = table(evs, arms, seeds, cmp, cmp_rest)
     print(text)
     png = os.path.join(args.out, "experiment.png")
     plot(args, arms, seeds, evs, cmp, png)
@@ -219,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"preset": args.preset, "steps": args.steps, "seeds": seeds, "arms": arms, "overrides": extra,
                    "final": {f"{a}_s{s}": evs[(a, s)]["summary"] for a in arms for s in seeds},
-                   "compare": {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
-                                   "n": v["n"]} for k, v in cmp.items()},
+                   **{name: {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
+                                 "n": v["n"]} for k, v in res.items()}
+                      for name, res in (("compare", cmp), ("compare_rest", cmp_rest))},
                    "seconds": secs, "table": text}, f, indent=1)
     print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
     return 0
