@@ -19,6 +19,9 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   --nll_seq_len-token sequences): per token, the model without thoughts and with one thought after
   each position (heldout.py: the same measurement as the trainer's held-out evaluation), the gain
   with a 95% CI over sequences, the gain by base-NLL decile and over the K-token window.
+  --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
+  position of another sequence (the previous one): does the model use what it thought, or only
+  that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
 Each score comes with n and a 95% confidence interval (Wilson for accuracies, normal for soft).
 Results: a printed table and a JSON file with every item's prediction.
 """
@@ -37,7 +40,7 @@ import torch
 from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
-from .heldout import line as heldout_line, summarize, token_scores
+from .heldout import content_effect, line as heldout_line, summarize, token_scores
 from .layout import Layout
 from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
@@ -214,9 +217,13 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, settings
 
 @torch.no_grad()
 def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int,
-               filler_id: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+               filler_id: int | None = None, progress: bool = False,
+               thoughts: torch.Tensor | None = None, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """heldout.token_scores of sequences (D, n), one thought per position (the filler thought
-    for a model trained with filler thoughts) -> tensors (D, P)."""
+    for a model trained with filler thoughts; `thoughts` (D, P, t): these) -> tensors (D, P),
+    and "thoughts" (D, P, t), the thoughts scored. Each batch samples with seed + the index (in
+    `index` (D,), default 0..D-1) of its first sequence: with batch size 1 every sequence draws
+    the same thoughts however the file is split over ranks."""
     from tqdm import tqdm
     dev = model.lm_head.weight.device
     positions = default_positions(ids.shape[1], cfg.talk_len, dev)
@@ -225,10 +232,14 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
                   disable=not progress, dynamic_ncols=True):
         x, x_mask = ids[a:a + batch_size].to(dev), mask[a:a + batch_size].to(dev)
         fixed = None if filler_id is None else x.new_full((x.shape[0], positions.numel(), cfg.thought_len), filler_id)
-        ro = rollout(model, cfg, x, x_mask, positions, torch.Generator(device=dev).manual_seed(seed + a),
+        if thoughts is not None:
+            fixed = thoughts[a:a + batch_size].to(dev)
+        first = a if index is None else int(index[a])
+        ro = rollout(model, cfg, x, x_mask, positions, torch.Generator(device=dev).manual_seed(seed + first),
                      base_logprobs=True, thoughts=fixed)
         for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w).items():
             parts.setdefault(k, []).append(v.cpu())
+        parts.setdefault("thoughts", []).append(ro.thoughts.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -244,16 +255,47 @@ def nll_sequences(tokenizer, path: str, seq_len: int, count: int, text_field: st
 def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int) -> dict:
     ids, mask = nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences, args.text_field)
     ecfg = ThoughtConfig(**{**vars(cfg), "n_thoughts": 1, "talk_len": args.talk_len})
+    shuffled = getattr(args, "nll_shuffled_thoughts", False)
+    mine_ids, mine_mask = ids[rank::world], mask[rank::world]
+    if shuffled and filler_id is not None:
+        raise TaskError("--nll_shuffled_thoughts: this model was trained with filler thoughts, which have no "
+                        "content to shuffle")
+    if shuffled and ids.shape[0] < 2:
+        raise TaskError(f"--nll_shuffled_thoughts needs >= 2 sequences; {path} gives {ids.shape[0]}")
     t0 = time.perf_counter()
-    mine = nll_scores(model, ecfg, ids[rank::world], mask[rank::world], args.batch_size, args.seed + rank,
-                      filler_id, progress=rank == 0)
+    mine_index = torch.arange(ids.shape[0])[rank::world]
+    mine = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed, filler_id,
+                      progress=rank == 0, index=mine_index)
+    other = None
+    if shuffled:
+        # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
+        th = mine["thoughts"]                                                   # (D / world, P, t)
+        every = th
+        if world > 1:
+            every = th.new_empty((ids.shape[0],) + th.shape[1:])               # (D, P, t)
+            for r, part in enumerate(distributed.gather_objects(th)):
+                every[r::world] = part
+        other = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed, progress=rank == 0,
+                           thoughts=every.roll(1, dims=0)[rank::world], index=mine_index)
     if world > 1:
-        parts = distributed.gather_objects(mine)
-        mine = {k: torch.cat([p[k] for p in parts]) for k in mine}
+        parts = distributed.gather_objects((mine, other))
+        mine, other = ({k: torch.cat([p[i][k] for p in parts]) for k in parts[0][i]} if parts[0][i] else None
+                       for i in (0, 1))
     m = summarize(mine, ecfg.talk_len)
+    if other is not None:
+        m["shuffled"] = content_effect(mine, other)
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
              thoughts="filler" if filler_id is not None else "sampled", seconds=time.perf_counter() - t0)
     return m
+
+
+def content_line(c: dict) -> str:
+    lo, hi = c["content_gain_ci95"]
+    rlo, rhi = c["content_gain_rest_ci95"]
+    return (f"its own thoughts against another sequence's at the same positions: {c['content_gain']:+.4f} "
+            f"nats/token (95% CI {lo:+.4f}..{hi:+.4f}; without each sequence's first position "
+            f"{c['content_gain_rest']:+.4f}, {rlo:+.4f}..{rhi:+.4f}); NLL with another sequence's thoughts "
+            f"{c['nll_mixed_other']:.4f}")
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -326,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nll_sequences", type=int, default=64, help="nll: sequences scored (fewer if the file ends)")
     add_dataclass_options(ap, ThoughtConfig, ["talk_len"])
     ap.add_argument("--text_field", default="text", help="nll: the text column of a jsonl/json/parquet file")
+    ap.add_argument("--nll_shuffled_thoughts", action="store_true",
+                    help="nll: also score every position with the thought sampled at the same position of "
+                         "another sequence: how much of the gain is the thought's content")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
     rank, world = distributed.join_launcher_group()
@@ -397,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"sequences ({nll['tokens']} tokens)")
             else:
                 print(heldout_line(f"nll {nll_file}:", nll))
+                if "shuffled" in nll:
+                    print(content_line(nll["shuffled"]))
         print(f"results: {args.output}")
     distributed.close(wait=False)
     return 0

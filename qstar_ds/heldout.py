@@ -19,7 +19,8 @@ interval over sequences (each sequence's mean gain is one observation), the gain
 hardest group), the gain at each sequence's first scored position apart from the rest (with
 unpacked documents that token follows a document's first token, a format token such as a
 title's "#", which a mixing head learns to correct without thinking) and the positions
-where thinking helped most. Pure tensor code: the caller runs the model (trainer: through the
+where thinking helped most, and (`content_effect`) how much of the gain is the thought's content:
+the same positions scored again with a thought sampled for another sequence. Pure tensor code: the caller runs the model (trainer: through the
 DeepSpeed engine; evaluate.py: a loaded model).
 """
 from __future__ import annotations
@@ -96,6 +97,22 @@ def summarize(s: dict[str, torch.Tensor], talk_len: int, deciles: int = 10) -> d
         m, lo, hi = mean_ci(g[groups[-1]])          # tokens as observations (an approximation)
         out["gain_hard10"], out["gain_hard10_ci95"] = m, [lo, hi]
         out["hard10_ratio"] = m / out["gain"] if out["gain"] != 0 else float("nan")
+    return out
+
+
+def content_effect(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict:
+    """token_scores of the same sequences and positions, with each position's own thought (`own`)
+    and with a thought sampled at the same position of another sequence (`other`): what the
+    content of a thought about this text adds to the mixed prediction beyond a thought being
+    there. Positive when the own thought predicts better; 95% CIs over sequences (paired)."""
+    valid = own["valid"].bool() & other["valid"].bool()
+    diff = own["mixed"] - other["mixed"]
+    out: dict = {"nll_mixed_other": mean_ci(per_sequence(-other["mixed"], valid))[0],
+                 "gain_other": mean_ci(per_sequence(other["mixed"] - other["base"], valid))[0]}
+    first = first_valid(valid)
+    for name, where in (("content_gain", valid), ("content_gain_rest", valid & ~first)):
+        m, lo, hi = mean_ci(per_sequence(diff, where))
+        out[name], out[name + "_ci95"] = m, [lo, hi]
     return out
 
 

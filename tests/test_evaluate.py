@@ -156,9 +156,13 @@ def saved_model(tmp_path_factory):
 
 def test_evaluate_cli_one_and_two_ranks_agree(saved_model, tmp_path):
     gsm, csqa = shared_file("gsm8k/test_tiny.jsonl"), shared_file("commonsenseqa/dev_tiny.jsonl")
-    common = ["--model", saved_model, "--tasks", "csqa,gsm8k,gsm8k_cot", "--data", f"gsm8k={gsm}",
+    text = tmp_path / "nll.jsonl"
+    text.write_text("".join(json.dumps({"text": "the quick brown fox %d jumps over %d lazy dogs. " % (i, i * 7) * 3})
+                            + "\n" for i in range(8)))
+    common = ["--model", saved_model, "--tasks", "csqa,gsm8k,gsm8k_cot,nll", "--data", f"gsm8k={gsm}",
               "--data", f"csqa={csqa}", "--limit", "5", "--batch_size", "1", "--cot_samples", "2",
-              "--cot_max_tokens", "4", "--max_answer_tokens", "4", "--thoughts", "both"]
+              "--cot_max_tokens", "4", "--max_answer_tokens", "4", "--thoughts", "both",
+              "--data", f"nll={text}", "--nll_seq_len", "16", "--nll_sequences", "5", "--nll_shuffled_thoughts"]
     one = _evaluate(common + ["--output", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr[-2000:]
     assert "soft" in one.stdout and "95% CI" in one.stdout and "on/3" in one.stdout
@@ -175,6 +179,49 @@ def test_evaluate_cli_one_and_two_ranks_agree(saved_model, tmp_path):
     assert all(r["n"] == 5 for r in res.values())
     # the random mixing head makes thoughts matter
     assert res[("csqa", True)]["soft"] != res[("csqa", False)]["soft"]
+    # nll with shuffled thoughts: sequence d gets sequence d-1's thoughts whatever the rank count
+    # (near-greedy evaluation thoughts: the same thoughts on one rank and on two)
+    n1, n2 = a["nll"], b["nll"]
+    assert n1["sequences"] == n2["sequences"] == 5
+    for key in ("nll_base", "nll_mixed", "gain"):
+        assert math.isclose(n1[key], n2[key], rel_tol=1e-4, abs_tol=1e-7), key
+    for key in ("content_gain", "content_gain_rest", "nll_mixed_other"):
+        assert math.isclose(n1["shuffled"][key], n2["shuffled"][key], rel_tol=1e-3, abs_tol=1e-6), key
+    assert n1["shuffled"]["content_gain"] != 0
+    assert "another sequence's" in one.stdout
+
+
+def test_nll_scores_feed_the_thoughts_given(saved_model):
+    """nll_scores with `thoughts`: feeding the thoughts it sampled reproduces its scores exactly,
+    feeding another sequence's changes the mixed prediction only (the base one is the same), and
+    heldout.content_effect is their paired difference."""
+    from qstar_ds.evaluate import nll_scores
+    from qstar_ds.heldout import content_effect
+    from qstar_ds.loading import load_model
+    loaded = load_model(saved_model)
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2, temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 9:] = 0
+    own = nll_scores(loaded.model, cfg, ids, mask, 3, seed=5)
+    assert own["thoughts"].shape == (4, own["base"].shape[1], 3)
+    again = nll_scores(loaded.model, cfg, ids, mask, 2, seed=99, thoughts=own["thoughts"])
+    for k in ("base", "mixed", "mixed_win", "w"):
+        torch.testing.assert_close(again[k], own[k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(again["thoughts"], own["thoughts"])
+    swapped = own["thoughts"].roll(1, dims=0)
+    other = nll_scores(loaded.model, cfg, ids, mask, 3, seed=5, thoughts=swapped)
+    assert torch.equal(other["thoughts"], swapped) and torch.equal(other["base"], own["base"])
+    assert not torch.allclose(other["mixed"], own["mixed"])
+    c = content_effect(own, other)
+    v = own["valid"].bool()
+    want = sum(float((own["mixed"] - other["mixed"])[d][v[d]].mean()) for d in range(4)) / 4
+    assert c["content_gain"] == pytest.approx(want, rel=1e-9)
+    rest = v & (v.cumsum(1) > 1)
+    want = sum(float((own["mixed"] - other["mixed"])[d][rest[d]].mean()) for d in range(4)) / 4
+    assert c["content_gain_rest"] == pytest.approx(want, rel=1e-9)
+    assert content_effect(own, again)["content_gain"] == pytest.approx(0, abs=1e-6)
 
 
 def test_evaluate_cli_errors(tmp_path):
@@ -185,3 +232,20 @@ def test_evaluate_cli_errors(tmp_path):
                        (["--model", "/no/such/dir"], "/no/such/dir")]:
         res = _evaluate(["--model", "tiny-llama"] + args)
         assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def test_shuffled_thoughts_need_sampled_thoughts_and_two_sequences(tmp_path, capsys):
+    """One line, no traceback: a model trained with filler thoughts has no content to shuffle; one
+    sequence has no other to take thoughts from."""
+    from qstar_ds.evaluate import main
+    model, tok = make_model("llama", dtype=torch.float32)
+    filler = str(tmp_path / "filler_model")
+    model.cpu().save_pretrained(filler, tokenizer=tok, extra={"thought_len": 3, "filler_id": 5})
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 4)
+    common = ["--tasks", "nll", "--data", f"nll={text}", "--nll_seq_len", "8", "--talk_len", "2",
+              "--nll_shuffled_thoughts", "--output", str(tmp_path / "r.json")]
+    assert main(["--model", filler] + common) == 2
+    assert "trained with filler thoughts" in capsys.readouterr().err
+    assert main(["--model", "tiny-llama", "--nll_sequences", "1"] + common) == 2
+    assert "needs >= 2 sequences" in capsys.readouterr().err
