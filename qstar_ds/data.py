@@ -341,3 +341,13 @@ def first_sequences(stream: SequenceStream, count: int) -> tuple[torch.Tensor, t
             raise
     return (torch.tensor([r[0] for r in rows], dtype=torch.long),
             torch.tensor([r[1] for r in rows], dtype=torch.long))
+
+
+def heldout_sequences(tokenizer, d, e, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out sequences a run evaluates on, from its data settings `d` (config.DataConfig)
+    and evaluation settings `e` (config.EvalConfig): the first `count` (default e.sequences) of
+    the held-out side of d.source, or of e.source read whole. -> input_ids, attention_mask (D, n)."""
+    split = e.holdout_fraction if e.source is None else 0.0
+    stream = SequenceStream(tokenizer, e.source or d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset,
+                            d.seed, holdout=split, heldout_side=True)
+    return first_sequences(stream, count or e.sequences)

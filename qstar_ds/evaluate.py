@@ -19,6 +19,8 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   --nll_seq_len-token sequences): per token, the model without thoughts and with one thought after
   each position (heldout.py: the same measurement as the trainer's held-out evaluation), the gain
   with a 95% CI over sequences, the gain by base-NLL decile and over the K-token window.
+  --nll_heldout (with --model a training checkpoint or run directory): the run's own held-out
+  sequences (its data.* and eval.* settings), text it never trained on.
   --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
   position of another sequence (the previous one): does the model use what it thought, or only
   that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
@@ -33,7 +35,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -252,8 +254,25 @@ def nll_sequences(tokenizer, path: str, seq_len: int, count: int, text_field: st
         raise TaskError(f"task nll: {e}") from None
 
 
-def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int) -> dict:
-    ids, mask = nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences, args.text_field)
+def run_heldout_sequences(run_config: dict, tokenizer, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out sequences of the training run whose config is `run_config` (checkpoint meta):
+    its data.* and eval.* settings, the first `count` (default: as many as the run scored)."""
+    from .cli import _build
+    from .config import DataConfig, EvalConfig
+    from .data import DataError, heldout_sequences
+    try:
+        d = _build(DataConfig, {**asdict(DataConfig()), **run_config.get("data", {})}, "data.")
+        e = _build(EvalConfig, {**asdict(EvalConfig()), **run_config.get("eval", {})}, "eval.")
+        return heldout_sequences(tokenizer, d, e, count)
+    except (DataError, KeyError) as err:
+        raise TaskError(f"task nll --nll_heldout: the run's held-out text: {err}") from None
+
+
+def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int,
+            sequences: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """`sequences` (ids, mask): score these (described by `path`), else the file at `path`."""
+    ids, mask = sequences or nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences or 64,
+                                           args.text_field)
     ecfg = ThoughtConfig(**{**vars(cfg), "n_thoughts": 1, "talk_len": args.talk_len})
     shuffled = getattr(args, "nll_shuffled_thoughts", False)
     mine_ids, mine_mask = ids[rank::world], mask[rank::world]
@@ -351,7 +370,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import add_dataclass_options, from_options
-    from .loading import add_model_args, check_model_arg, load_from_args, thought_config
+    from .loading import add_model_args, check_model_arg, is_checkpoint, load_from_args, thought_config
 
     ap = argparse.ArgumentParser(prog="python -m qstar_ds.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thought_temperature", type=float, default=0.001, help="paper's evaluation value")
     add_dataclass_options(ap, EvalSettings)
     ap.add_argument("--nll_seq_len", type=int, default=128, help="nll: tokens per packed sequence")
-    ap.add_argument("--nll_sequences", type=int, default=64, help="nll: sequences scored (fewer if the file ends)")
+    ap.add_argument("--nll_sequences", type=int, default=None,
+                    help="nll: sequences scored (fewer if the text ends; default 64, or with --nll_heldout "
+                         "the run's eval.sequences)")
+    ap.add_argument("--nll_heldout", action="store_true",
+                    help="nll: score the held-out text of the training run --model comes from (a checkpoint "
+                         "or run directory): the sequences its own evaluation scored, never trained on")
     add_dataclass_options(ap, ThoughtConfig, ["talk_len"])
     ap.add_argument("--text_field", default="text", help="nll: the text column of a jsonl/json/parquet file")
     ap.add_argument("--nll_shuffled_thoughts", action="store_true",
@@ -399,9 +423,17 @@ def main(argv: list[str] | None = None) -> int:
         nll_file = None
         if "nll" in tasks:
             nll_file = files.get("nll")
-            if nll_file is None:
-                raise TaskError("task nll needs its text: --data nll=FILE (.jsonl/.json/.parquet/.txt)")
-            if not os.path.isfile(nll_file):
+            if args.nll_heldout:
+                if nll_file is not None:
+                    raise TaskError("task nll: give either --data nll=FILE or --nll_heldout, not both")
+                if not (os.path.isdir(args.model) and is_checkpoint(args.model)):
+                    raise TaskError(f"--nll_heldout: --model={args.model!r} is not a training checkpoint or run "
+                                    f"directory, so there is no run whose held-out text to score")
+                nll_file = f"the held-out text of {args.model}"
+            elif nll_file is None:
+                raise TaskError("task nll needs its text: --data nll=FILE (.jsonl/.json/.parquet/.txt) or "
+                                "--nll_heldout")
+            elif not os.path.isfile(nll_file):
                 raise TaskError(f"task nll: data file {nll_file} not found")
             tasks.remove("nll")
         check_model_arg(args)
@@ -421,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     nll = None
     if nll_file is not None:
         try:
-            nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world)
+            seqs = None
+            if args.nll_heldout:
+                seqs = run_heldout_sequences(loaded.run_config, loaded.tokenizer, args.nll_sequences)
+                args.nll_seq_len = int(seqs[0].shape[1])
+            nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world, seqs)
         except (ConfigError, TaskError) as e:
             print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
             return 2

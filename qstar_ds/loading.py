@@ -37,6 +37,8 @@ class Loaded:
     filler_id: int | None = None
     """The filler token when the model was trained with thought.mode=filler (its thoughts are
     that token repeated, not sampled), else None."""
+    run_config: dict | None = None
+    """The training run's config (nested dict) when loaded from a trainer checkpoint, else None."""
 
 
 def is_checkpoint(path: str) -> bool:
@@ -79,7 +81,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     """Load `spec` (see the module docstring) in eval mode on `device`."""
     from .hub import build_base
 
-    thought_len, filler_id = 8, None
+    thought_len, filler_id, run_config = 8, None, None
     if os.path.isfile(os.path.join(spec, META_FILE)):
         model = QuietStarModel.from_pretrained(spec, dtype=dtype)
         tok = load_tokenizer(spec)
@@ -90,7 +92,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     elif os.path.isdir(spec) and is_checkpoint(spec):
         model, tok, meta, path = model_from_checkpoint(spec)
         thought_len = meta["signature"].get("thought_len", thought_len)
-        filler_id = trained_filler_id(meta, tok)
+        filler_id, run_config = trained_filler_id(meta, tok), meta.get("config")
         source = f"DeepSpeed checkpoint {path} (step {meta.get('step')})"
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, META)):
         raise FileNotFoundError(f"{spec} is an incomplete checkpoint (no {COMPLETE} marker)")
@@ -101,7 +103,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()
-    return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id)
+    return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id, run_config)
 
 
 def trained_filler_id(meta: dict, tokenizer) -> int | None:

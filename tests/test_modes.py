@@ -100,3 +100,26 @@ def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):
     rec = [json.loads((tmp_path / name / "eval" / "step_00000002.json").read_text()) for name in ("one", "two")]
     assert rec[1]["sequence_nll_thoughts"] == pytest.approx(rec[0]["sequence_nll_thoughts"], rel=1e-5)
     assert rec[0]["summary"]["gain"] != 0, "a random mixing head must give a non-zero gain"
+
+
+def test_evaluate_scores_a_checkpoint_on_its_runs_heldout_text(tmp_path):
+    """python -m qstar_ds.evaluate --model RUN --tasks nll --nll_heldout scores the sequences the
+    run's own evaluation scored: in filler mode (nothing sampled) the same numbers from the saved
+    checkpoint as the trainer's last evaluation."""
+    import subprocess
+    import sys
+    run = run_worker(tmp_path, "run", 1, {"thought.mode": "filler", "eval.sequences": 5, "eval.batch_size": 2,
+                                          "train.save_every": 2})
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "run"), "--tasks",
+                          "nll", "--nll_heldout", "--talk_len", str(run["eval"]["talk_len"]), "--output", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())["nll"]
+    assert got["sequences"] == run["eval"]["sequences"] == 5 and got["thoughts"] == "filler"
+    for key in ("nll_base", "nll_mixed", "gain", "gain_win"):
+        assert got[key] == pytest.approx(run["eval"][key], rel=1e-5, abs=1e-7), key
+    # a base model has no run, so no held-out text: one line before anything is loaded
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", "tiny-llama", "--tasks", "nll",
+                          "--nll_heldout"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "--nll_heldout: --model='tiny-llama' is not a training checkpoint" in res.stderr
