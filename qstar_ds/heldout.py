@@ -108,7 +108,8 @@ def content_effect(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor])
     valid = own["valid"].bool() & other["valid"].bool()
     diff = own["mixed"] - other["mixed"]
     out: dict = {"nll_mixed_other": mean_ci(per_sequence(-other["mixed"], valid))[0],
-                 "gain_other": mean_ci(per_sequence(other["mixed"] - other["base"], valid))[0]}
+                 "gain_other": mean_ci(per_sequence(other["mixed"] - other["base"], valid))[0],
+                 "content_gain_sequences": per_sequence(diff, valid).tolist()}    # for pooling runs
     first = first_valid(valid)
     for name, where in (("content_gain", valid), ("content_gain_rest", valid & ~first)):
         m, lo, hi = mean_ci(per_sequence(diff, where))

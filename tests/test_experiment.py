@@ -51,9 +51,17 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     assert summary["compare_rest"]["off"]["pooled"] != summary["compare"]["off"]["pooled"]
     assert summary["final"]["off_s0"]["nll_base"] != summary["final"]["off_s1"]["nll_base"]
     assert (out / "experiment.png").stat().st_size > 10_000
+    # the content check: each quiet_star checkpoint on its own held-out sequences (the same base
+    # NLL as the trainer's last evaluation), with its own thoughts and with another sequence's
+    assert "quiet_star with its own thoughts vs another held-out sequence's" in lines
+    for seed in (0, 1):
+        check = json.loads((out / f"quiet_star_s{seed}" / "content.json").read_text())["nll"]
+        assert abs(check["nll_base"] - summary["final"][f"quiet_star_s{seed}"]["nll_base"]) < 1e-5
+        assert len(check["shuffled"]["content_gain_sequences"]) == 6
+    assert summary["content"]["n"] == 12
     # again: nothing left to run
     again = run([TOOL, *common, "--seeds", "0,1"])
-    assert again.stdout.count("done earlier") == 6
+    assert again.stdout.count("done earlier") == 6 and "content check, quiet_star" not in again.stdout
 
 
 def test_report_regenerates_from_a_run(tmp_path):

@@ -13,6 +13,13 @@ the training source, or eval.source); seeds change the data (data.seed) and the 
 Interrupted? Run the same command again: finished runs (their final eval file exists) are
 skipped, an unfinished one resumes from its newest checkpoint (--save_every, default 10 steps).
 
+Then, for each quiet_star run, the content check (skip it with --no_content_check): its final
+checkpoint scored on its held-out sequences twice, with each position's own thought and with the
+thought sampled at the same position of another held-out sequence (`python -m qstar_ds.evaluate
+--tasks nll --nll_heldout --nll_shuffled_thoughts`, the run's evaluation temperature). A model that
+uses what it thought predicts better with its own thoughts; the pause-token effect (extra
+computation, a learned correction) survives the swap. Written to OUT/quiet_star_s<s>/content.json.
+
 Prints a table (per arm: held-out NLL without / with thoughts, the gain with its 95% CI, the gain
 on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
 comparisons that decide the question: quiet_star's NLL with thoughts minus each control's best
@@ -71,6 +78,54 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
         json.dump({"seconds": time.time() - t0}, f)
     print(f"[experiment] {arm} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     return ev
+
+
+def content_check(args, seed: int, ev: dict) -> dict | None:
+    """The shuffled-thought check of quiet_star seed `seed` (evaluate.py's nll_shuffled_thoughts on
+    the run's held-out text), from its final checkpoint; done once (content.json)."""
+    out = os.path.join(args.out, f"quiet_star_s{seed}")
+    path = os.path.join(out, "content.json")
+    if not os.path.isfile(path):
+        ckpt = os.path.join(out, "checkpoints", f"step_{args.steps:08d}")
+        if not os.path.isdir(ckpt):
+            print(f"[experiment] content check of quiet_star seed {seed} skipped: no checkpoint {ckpt}", flush=True)
+            return None
+        m = ev["summary"]
+        cmd = [sys.executable, "-m", "qstar_ds.evaluate", "--model", ckpt, "--tasks", "nll", "--nll_heldout",
+               "--nll_shuffled_thoughts", "--thought_temperature", str(m["temperature"]), "--talk_len",
+               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed), "--output", path]
+        print(f"[experiment] content check, quiet_star seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        with open(os.path.join(out, "experiment_run.log"), "a") as log:
+            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if res.returncode != 0:
+            raise SystemExit(f"[experiment] content check of quiet_star seed {seed} failed (exit {res.returncode}); "
+                             f"see {os.path.join(out, 'experiment_run.log')}")
+    with open(path) as f:
+        return json.load(f)["nll"]
+
+
+def content_summary(checks: dict) -> dict:
+    """Pooled over seeds: quiet_star's NLL with another sequence's thoughts minus with its own."""
+    pooled = [x for c in checks.values() for x in c["shuffled"]["content_gain_sequences"]]
+    return {"pooled": mean_ci(pooled), "n": len(pooled),
+            "per_seed": {s: [c["shuffled"]["content_gain"], *c["shuffled"]["content_gain_ci95"]] for s, c in checks.items()},
+            "rest_per_seed": {s: [c["shuffled"]["content_gain_rest"], *c["shuffled"]["content_gain_rest_ci95"]]
+                              for s, c in checks.items()},
+            "nll_own": {s: c["nll_mixed"] for s, c in checks.items()},
+            "nll_other": {s: c["shuffled"]["nll_mixed_other"] for s, c in checks.items()}}
+
+
+def content_lines(c: dict) -> list[str]:
+    m, lo, hi = c["pooled"]
+    verdict = ("its own thoughts predict better: it uses what it thought" if lo > 0 else
+               "another sequence's thoughts predict better" if hi < 0 else "no significant difference")
+    out = [f"quiet_star with its own thoughts vs another held-out sequence's (NLL theirs - own): {m:+.4f} nats/token, "
+           f"95% CI [{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}"]
+    for s, v in c["per_seed"].items():
+        r = c["rest_per_seed"][s]
+        out.append(f"  seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}] (NLL {c['nll_own'][s]:.4f} own, "
+                   f"{c['nll_other'][s]:.4f} another's); without the first scored token {r[0]:+.4f} [{r[1]:+.4f}, {r[2]:+.4f}]")
+    return out
 
 
 BEST, BEST_REST = "sequence_nll_thoughts", "sequence_nll_thoughts_rest"
@@ -198,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default: the hub)")
     ap.add_argument("--launch", default="python", help='"python" (one process) or a launcher prefix, e.g. '
                                                        '"torchrun --nproc_per_node 8"')
+    ap.add_argument("--no_content_check", action="store_true",
+                    help="skip scoring each quiet_star checkpoint with another sequence's thoughts")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -217,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     evs = {(a, s): run_one(args, a, s, extra) for s in seeds for a in arms}
     cmp, cmp_rest = compare(evs, arms, seeds), compare(evs, arms, seeds, BEST_REST)
     text = table(evs, arms, seeds, cmp, cmp_rest)
+    content = None
+    if "quiet_star" in arms and not args.no_content_check:
+        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)])) is not None}
+        if checks:
+            content = content_summary(checks)
+            text += "\n" + "\n".join(content_lines(content))
     print(text)
     png = os.path.join(args.out, "experiment.png")
     plot(args, arms, seeds, evs, cmp, png)
@@ -228,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                    **{name: {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                  "n": v["n"]} for k, v in res.items()}
                       for name, res in (("compare", cmp), ("compare_rest", cmp_rest))},
+                   "content": content,
                    "seconds": secs, "table": text}, f, indent=1)
     print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
     return 0
