@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .cli import to_yaml
 from .config import Config, ConfigError
 from .cpu_memory import keep_freed_memory
-from .data import SequenceStream, check_source, first_sequences
+from .data import SequenceStream, check_source, heldout_sequences
 from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_rows
 from .ds_config import fill_ds_config, load_ds_json, resolve_dtype, zero_stage
 from .hub import TINY_PREFIX, build_base
@@ -135,9 +135,7 @@ class Trainer:
         split = e.holdout_fraction if e.source is None else 0.0        # training never reads held-out text
         self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,
                                      d.subset, d.seed, state=data_state, holdout=split)
-        heldout = first_sequences(SequenceStream(self.tokenizer, e.source or d.source, d.seq_len, d.pack,
-                                                      d.split, d.text_field, d.subset, d.seed, holdout=split,
-                                                      heldout_side=True), e.sequences)   # (D, n) ids, mask
+        heldout = heldout_sequences(self.tokenizer, d, e)                       # (D, n) ids, mask
         self.filler_id = filler_token_id(self.tokenizer, cfg.thought.filler)
         self.evaluate = HeldoutEval(cfg, self.engine, self.dist, self.tokenizer, heldout, self.filler_id)
         self.last_eval: dict | None = None
