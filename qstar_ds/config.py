@@ -43,6 +43,13 @@ class ThoughtConfig:
     baseline is the mean over these r thoughts, so r = 1 gives zero rewards."""
     talk_len: int = 4
     """K: true tokens predicted after a thought (non-myopic, teacher-forced talk window)."""
+    positions: int = 0
+    """Positions per training sequence that think. 0: every position whose talk window fits
+    (n - K, the paper). k > 0: k of them, drawn afresh at every step from a hash of (train.seed,
+    step, position), the same for every sequence and rank of the step; every position still
+    trains over the steps, and a step's thought work (rollout, learn streams, REINFORCE) is
+    k / (n - K) of thinking everywhere, so longer sequences cost what short ones did. Held-out
+    evaluation always thinks after every position."""
     temperature: float = 1.0
     """Sampling temperature of thought tokens (> 0)."""
     top_k: int = 0
@@ -87,6 +94,8 @@ class ThoughtConfig:
                  self.n_thoughts, "must be an integer >= 1")
         _require(isinstance(self.talk_len, int) and self.talk_len >= 1, "talk_len",
                  self.talk_len, "must be an integer >= 1")
+        _require(isinstance(self.positions, int) and self.positions >= 0, "positions", self.positions,
+                 "must be an integer >= 0 (0 = every position)")
         _require(math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE, "temperature",
                  self.temperature, f"must be a finite number >= {MIN_TEMPERATURE} (logits / temperature must stay finite)")
         _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
@@ -325,12 +334,20 @@ class Config:
     def __post_init__(self) -> None:
         n, K = self.data.seq_len, self.thought.talk_len
         _require(n >= K + 1, "data.seq_len", n, f"is shorter than thought.talk_len + 1 = {K + 1}")
+        _require(self.thought.positions <= n - K, "thought.positions", self.thought.positions,
+                 f"is more than the {n - K} positions of a sequence of data.seq_len={n} whose "
+                 f"{K}-token talk window fits (0 = all of them)")
         need = n + self.thought.stream_len
         _require(self.eval.source is not None or self.eval.holdout_fraction > 0, "eval.holdout_fraction",
                  self.eval.holdout_fraction, "must be > 0 when eval.source is not set (nothing to evaluate on)")
         _require(self.train.chunk_tokens >= need, "train.chunk_tokens", self.train.chunk_tokens,
                  f"must hold the {n} base tokens plus one stream of {self.thought.stream_len} tokens "
                  f"(>= {need})")
+
+    @property
+    def think_positions(self) -> int:
+        """P: positions per training sequence that think (thought.positions, 0 = all n - K)."""
+        return self.thought.positions or self.data.seq_len - self.thought.talk_len
 
 
 PRESETS: dict[str, dict] = {

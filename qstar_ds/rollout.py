@@ -1,4 +1,5 @@
-"""Rollout: sample r thoughts after every position, all streams together, without grad.
+"""Rollout: sample r thoughts after every position (or a given subset), all streams together,
+without grad.
 
 The base prefix is encoded once (prefill) into a KV cache; each decoding step then feeds one
 token to every stream (M = P*r streams per row) and appends its keys to the cache, with the
@@ -58,6 +59,18 @@ def splitmix64(z: torch.Tensor) -> torch.Tensor:
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
     return z ^ _shift_right(z, 31)
+
+
+def step_positions(n: int, talk_len: int, count: int, seed: int, step: int, device=None) -> torch.Tensor:
+    """The (count,) sorted positions that think at optimizer step `step` (thought.positions):
+    every position whose talk window fits when count is 0 or all of them, else the `count` with
+    the smallest hash of (seed, step, position): uniform over positions, the same on every rank
+    and device, and a new draw at every step."""
+    every = default_positions(n, talk_len)
+    if count == 0 or count >= every.numel():
+        return every.to(device)
+    h = splitmix64(splitmix64(splitmix64(torch.tensor([seed], dtype=torch.long)) ^ step) ^ every)
+    return every[torch.argsort(h)[:count]].sort().values.to(device)
 
 
 @dataclass

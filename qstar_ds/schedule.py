@@ -50,7 +50,7 @@ def plan_step(cfg: Config, world: int) -> StepPlan:
     if cfg.thought.mode == "off":           # no streams: one base-only chunk per sequence
         return StepPlan(0, 0, 1, B, world)
     n, L = cfg.data.seq_len, cfg.thought.stream_len
-    M = (n - cfg.thought.talk_len) * cfg.thought.n_thoughts
+    M = cfg.think_positions * cfg.thought.n_thoughts
     most = min(M, max(1, (cfg.train.chunk_tokens - n) // L))      # streams per chunk that fit
     best = None
     for count in range(math.ceil(M / most), M + 1):

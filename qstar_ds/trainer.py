@@ -41,7 +41,7 @@ from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, filler_token_id, randomize_mixing_head
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
-from .rollout import Rollout, default_positions, rollout, sequence_noise
+from .rollout import Rollout, rollout, sequence_noise, step_positions
 from .schedule import learn_share, plan_step, rollout_units, units_of
 
 TEMPLATE_DIR = "hf_template"
@@ -173,23 +173,32 @@ class Trainer:
         p, c = self.plan, self.cfg
         return (f"qstar_ds: {self.world} rank(s) on {self.device_type}, {self.dtype}, ZeRO stage "
                 f"{zero_stage(self.ds_config)}; model {c.model.name}; n={c.data.seq_len} r={c.thought.n_thoughts} "
-                f"thought_len={c.thought.thought_len} K={c.thought.talk_len}; batch {c.train.batch_size} seq/step, "
+                f"thought_len={c.thought.thought_len} K={c.thought.talk_len}"
+                + (f", thinking at {c.thought.positions} of {c.data.seq_len - c.thought.talk_len} positions per step"
+                   if c.thought.positions else "") + f"; batch {c.train.batch_size} seq/step, "
                 f"{p.n_streams} streams/seq in {p.chunks_per_seq} chunk(s) of <= {p.streams_per_chunk} "
                 f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}{self.backend_note}"
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def _rollouts(self, x: torch.Tensor, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> thoughts (B, M, t), rewards (B, M): the step's rollout cut into units (whole sequences,
-        or blocks of positions when there are more ranks than sequences: schedule.rollout_units),
+    def _positions(self, n: int) -> torch.Tensor:
+        """(P,) the positions that think at this step: all, or thought.positions of them drawn
+        for this step (rollout.step_positions; the same on every rank and after a resume)."""
+        return step_positions(n, self.cfg.thought.talk_len, self.cfg.thought.positions, self.cfg.train.seed,
+                              self.step, self.device)
+
+    def _rollouts(self, x: torch.Tensor, x_mask: torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> thoughts (B, M, t), rewards (B, M): the step's rollout after `positions` (P,), cut into
+        units (whole sequences, or blocks of positions when there are more ranks than sequences:
+        schedule.rollout_units),
         each rank rolling out its units and all-gathering the results. The sampling noise is a
         hash of (sequence, position, thought, token) (rollout.Noise), so no thought depends on
         the cut or the world size. With the model held gathered (Strategy.rollout_held), a rank's units
         of the same positions go through in batches of train.rollout_batch; otherwise one at a
         time (every rank then runs the same number of forwards, as ZeRO-3's gathers need)."""
         B, n = x.shape
-        t, r, K = self.cfg.thought.thought_len, self.cfg.thought.n_thoughts, self.cfg.thought.talk_len
-        positions = default_positions(n, K, self.device)
+        t, r = self.cfg.thought.thought_len, self.cfg.thought.n_thoughts
         units = rollout_units(B, positions.numel(), self.world)
         mine = units_of(units, self.rank, self.world)
         width = max(b - a for _, a, b in units) * r
@@ -219,13 +228,14 @@ class Trainer:
             rewards[seq, a * r:b * r] = unit_rewards[u, :(b - a) * r]
         return thoughts, rewards
 
-    def _thoughts(self, x: torch.Tensor, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """thoughts (B, M, t) and rewards (B, M) of this step: sampled and scored (quiet_star), the
-        filler token everywhere with reward 0 (filler), or none (off)."""
+    def _thoughts(self, x: torch.Tensor, x_mask: torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """thoughts (B, M, t) and rewards (B, M) of this step after `positions`: sampled and scored
+        (quiet_star), the filler token everywhere with reward 0 (filler), or none (off)."""
         B, n = x.shape
         t, mode = self.cfg.thought.thought_len, self.cfg.thought.mode
         if mode == "quiet_star":
-            return self._rollouts(x, x_mask)
+            return self._rollouts(x, x_mask, positions)
         M = self.plan.n_streams
         thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
         return thoughts, torch.zeros(B, M, device=x.device)
@@ -243,9 +253,10 @@ class Trainer:
         """One optimizer step (module docstring). -> (metrics, what the thought table shows)."""
         x, x_mask = x.to(self.device), x_mask.to(self.device)
         t0 = time.perf_counter()
-        thoughts, rewards = self._thoughts(x, x_mask)                                  # (B, M, t), (B, M)
+        positions = self._positions(x.shape[1])                                        # (P,)
+        thoughts, rewards = self._thoughts(x, x_mask, positions)                       # (B, M, t), (B, M)
         t_rollout = time.perf_counter() - t0
-        anchor, valid, norm = self._streams(x_mask)                                    # (B, M), (B, M)
+        anchor, valid, norm = self._streams(x_mask, positions)                         # (B, M), (B, M)
         totals = StepTotals(self.device)
         for (seq, a, b), weight in learn_share(self.plan, self.rank):
             out = self._learn(x, x_mask, seq, a, b, anchor, thoughts, rewards, norm)
@@ -254,11 +265,11 @@ class Trainer:
         metrics = self._step_metrics(totals, rewards[valid], x.numel(), time.perf_counter() - t0, t_rollout)
         return metrics, (x, thoughts, rewards, anchor, valid)
 
-    def _streams(self, x_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
-        """The step's stream anchors (B, M), which streams have a full talk window (B, M), and the
-        normaliser of the whole step's losses (global counts)."""
+    def _streams(self, x_mask: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
+        """The step's stream anchors (B, M) after `positions` (P,), which streams have a full talk
+        window (B, M), and the normaliser of the whole step's losses (global counts)."""
         B, n = x_mask.shape
-        positions = default_positions(n, self.cfg.thought.talk_len, self.device)
         anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)
         anchor = anchor[:, :self.plan.n_streams]                                   # off: no streams
         valid = stream_validity(x_mask.bool(), anchor, self.cfg.thought.talk_len)

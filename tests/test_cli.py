@@ -56,6 +56,8 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--thought.thought_len", "0"], "thought.thought_len=0: must be an integer >= 1"),
     (["--thought.talk_len", "0"], "thought.talk_len=0: must be an integer >= 1"),
     (["--data.seq_len", "3", "--thought.talk_len", "3"], "data.seq_len=3: is shorter than thought.talk_len + 1 = 4"),
+    (["--thought.positions", "23"], "thought.positions=23: is more than the 22 positions of a sequence of data.seq_len=24"),
+    (["--thought.positions", "-1"], "thought.positions=-1: must be an integer >= 0"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--no.such_key", "1"], "unknown config key 'no.such_key'"),

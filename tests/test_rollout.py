@@ -5,7 +5,7 @@ import torch
 from qstar_ds.config import ThoughtConfig
 from qstar_ds.learn import learn_pass
 from qstar_ds.reference import attn_implementation
-from qstar_ds.rollout import rollout
+from qstar_ds.rollout import default_positions, rollout, step_positions
 
 from conftest import DEVICE, gen, make_model, random_batch
 from helpers import assert_equal
@@ -146,3 +146,19 @@ def test_counter_noise_gives_the_same_thoughts_whatever_the_cut():
     u = sequence_noise(3, 1, list(range(100)), DEVICE).at(torch.arange(100, device=DEVICE).repeat(100, 2), 2, 0)
     assert abs(u.mean().item() - 0.5) < 4 * (1 / 12 / u.numel()) ** 0.5
     assert abs(u.var().item() - 1 / 12) < 0.005 and 0 <= u.min() and u.max() < 1
+
+
+def test_step_positions_are_a_fresh_uniform_draw_each_step_the_same_everywhere():
+    n, K, P = 40, 4, 9
+    draws = [step_positions(n, K, P, seed=3, step=s) for s in range(400)]
+    for d in draws[:20]:
+        assert d.numel() == P and d.unique().numel() == P and bool((d[1:] > d[:-1]).all())
+        assert 0 <= int(d.min()) and int(d.max()) < n - K
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws), "every step draws anew"
+    assert_equal(step_positions(n, K, P, seed=3, step=7), draws[7], "same seed and step")
+    assert not torch.equal(step_positions(n, K, P, seed=4, step=7), draws[7])
+    counts = torch.bincount(torch.cat(draws), minlength=n - K).double()
+    expected = 400 * P / (n - K)                           # 100 per position
+    assert float(counts.min()) > expected * 0.6 and float(counts.max()) < expected * 1.4, counts
+    for every in (0, n - K):
+        assert_equal(step_positions(n, K, every, seed=3, step=7), default_positions(n, K), "all positions")

@@ -19,7 +19,7 @@ from qstar_ds.ds_config import lr_lambda
 from qstar_ds.hub import build_base
 from qstar_ds.learn import learn_pass
 from qstar_ds.model import QuietStarModel
-from qstar_ds.rollout import default_positions, rollout, sequence_noise
+from qstar_ds.rollout import rollout, sequence_noise, step_positions
 
 from helpers import COMMON, assert_same_update, run_worker
 
@@ -38,7 +38,7 @@ def reference_run(init: dict, overrides: dict) -> dict:
                             holdout=cfg.eval.holdout_fraction)      # the trainer never reads the held-out split
     for step in range(cfg.train.max_steps):
         x, am = stream.next_batch(cfg.train.batch_size)
-        pos = default_positions(x.shape[1], cfg.thought.talk_len)
+        pos = step_positions(x.shape[1], cfg.thought.talk_len, cfg.thought.positions, cfg.train.seed, step)
         ros = [rollout(model, cfg.thought, x[s:s + 1], am[s:s + 1], pos,
                        sequence_noise(cfg.train.seed, step, [s], "cpu")) for s in range(x.shape[0])]
         thoughts = torch.cat([r.thoughts for r in ros])
@@ -85,3 +85,17 @@ def test_fast_paths_under_two_rank_zero3_equal_the_dense_reference(tmp_path):
     ref, out = reference_run(two["init"], {})
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_thinking_at_a_subset_of_positions_under_two_rank_zero3_equals_the_reference(tmp_path):
+    """thought.positions = 5 of 22: each step thinks after its own 5 positions (a new draw per
+    step), and batch 1 on 2 ranks splits those positions' rollout and streams between the ranks."""
+    sub = {"thought.positions": 5, "train.batch_size": 1}
+    two = run_worker(tmp_path, "sub", 2, sub)
+    ref, out = reference_run(two["init"], sub)
+    assert out.valid.shape[1] == 5 * 2                     # the reference's last step: 5 positions x r
+    assert out.losses["reinforce"].abs() > 0
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    every, _ = reference_run(two["init"], {"train.batch_size": 1})
+    assert any((every[k] - ref[k]).abs().max() > 1e-4 for k in ref), "a subset must change the update"

@@ -97,7 +97,7 @@ def estimate(c: dict, cfg, nodes: int, gpus_per_node: int, loss_chunk: int, gpu_
     logits = min(loss_chunk or C, C) * V * 4 * 3
     head = C * 3 * H * 4
     learn = ckpt_inputs + layer_recompute + attn + logits + head
-    units = rollout_units(cfg.train.batch_size, n - K, world)
+    units = rollout_units(cfg.train.batch_size, cfg.think_positions, world)
     per_rank = -(-len(units) // world)
     rows = min(cfg.train.rollout_batch or per_rank, per_rank)          # units in one rollout forward
     Mu = max(bb - a for _, a, bb in units) * r                          # streams of one unit

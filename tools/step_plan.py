@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,8,64,512")
     args = ap.parse_args()
     cfg, _ = parse_args(["--preset", args.preset])
-    B, P = cfg.train.batch_size, cfg.data.seq_len - cfg.thought.talk_len
+    B, P = cfg.train.batch_size, cfg.think_positions
     fixed = plan_step(cfg, 1)
     print(f"{args.preset}: batch {B}, {fixed.n_streams} streams/sequence, chunk_tokens {cfg.train.chunk_tokens}")
     print(f"{'ranks':>6} {'chunks/seq':>10} {'streams/chunk':>13} {'micro-steps':>11} {'learn idle':>10} "

@@ -111,7 +111,7 @@ def predict(cfg, shape: Shape, nodes: int, gpus: int, rates: Rates, zero: str = 
     model_flops = 0.0
     off = cfg.thought.mode == "off"
     if cfg.thought.mode == "quiet_star":
-        units = rollout_units(cfg.train.batch_size, n - K, world)
+        units = rollout_units(cfg.train.batch_size, cfg.think_positions, world)
         per_rank = -(-len(units) // world)
         rows = min(cfg.train.rollout_batch or per_rank, per_rank)
         Mu = max(b - a for _, a, b in units) * r
