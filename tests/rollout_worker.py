@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 
 from qstar_ds.cli import parse_args  # noqa: E402
 from qstar_ds.distributed import gather_rows  # noqa: E402
-from qstar_ds.rollout import Rollout, default_positions, rollout, sequence_noise  # noqa: E402
+from qstar_ds.rollout import Rollout, rollout, sequence_noise  # noqa: E402
 from qstar_ds.trainer import Trainer  # noqa: E402
 
 GATHERED = [0]
@@ -45,7 +45,7 @@ def one_sequence_at_a_time(tr: Trainer, x, am):
     """The rollout before it held the model: per sequence, DeepSpeed's own per-forward gathering."""
     B = x.shape[0]
     per_rank = -(-B // tr.world)
-    positions = default_positions(x.shape[1], tr.cfg.thought.talk_len, tr.device)
+    positions = tr._positions(x.shape[1])
     th, rw = [], []
     for j in range(per_rank):
         seq = min(tr.rank * per_rank + j, B - 1)
@@ -56,6 +56,11 @@ def one_sequence_at_a_time(tr: Trainer, x, am):
     return tuple(gather_rows(torch.stack(v))[:B] for v in (th, rw))
 
 
+def held_model(tr: Trainer, x, am):
+    """The trainer's rollout, holding the model gathered, at the step's positions."""
+    return tr._rollouts(x, am, tr._positions(x.shape[1]))
+
+
 def main() -> None:
     dump = sys.argv[1]
     cfg, _ = parse_args(sys.argv[2:])
@@ -63,7 +68,7 @@ def main() -> None:
     tr = Trainer(cfg)
     x, am = tr.stream.next_batch(cfg.train.batch_size)
     out = {"bytes": {}, "thoughts": {}, "rewards": {}}
-    for name, fn in (("before", one_sequence_at_a_time), ("held", lambda t, a, b: t._rollouts(a, b))):
+    for name, fn in (("before", one_sequence_at_a_time), ("held", held_model)):
         GATHERED[0] = 0
         th, rw = fn(tr, x, am)
         out["bytes"][name], out["thoughts"][name], out["rewards"][name] = GATHERED[0], th.cpu(), rw.cpu()
