@@ -217,7 +217,7 @@ def apply_optimizer_settings(engine, model, cfg: Config, saved: dict) -> list[st
     changes = []
     keys = [("optim", k) for k in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "decay", "min_lr_ratio",
                                    "grad_clip")] + [("thought", "thought_lr_mult"), ("thought", "mixing_lr_mult"),
-                                                    ("train", "max_steps")]
+                                                    ("thought", "positions"), ("train", "max_steps")]
     for sec, k in keys:
         old, new = saved.get(sec, {}).get(k), getattr(getattr(cfg, sec), k)
         if isinstance(new, tuple):
