@@ -20,6 +20,7 @@ def _require(cond: bool, key: str, value, why: str) -> None:
 
 
 MODES = ("quiet_star", "filler", "off")
+REWARDS = ("mixed", "read")
 MIN_TEMPERATURE = 1e-6
 
 
@@ -65,6 +66,16 @@ class ThoughtConfig:
     """Weight of L_talk, the mixed (post-thought) NLL of the K talk tokens, averaged per token."""
     w_base: float = 0.5
     """Weight of L_base, the ordinary next-token NLL of the base model."""
+    w_read: float = 0.0
+    """Weight of L_read: the NLL of the K talk tokens predicted from the state after a thought
+    alone (w = 1, no mixing), averaged per token like L_talk. L_talk reaches that state only
+    through the mixing weight (d mixed / d h_thought = w, ~0.01 at small scale), so without
+    L_read the model barely learns to read its thoughts. 0 = the paper (no such term)."""
+    reward: str = "mixed"
+    """Which talk log-prob the REINFORCE reward compares across the r thoughts: mixed (the
+    mixed prediction, the paper; its differences shrink with the mixing weight) or read (the
+    post-thought prediction alone, the one L_read trains: a signal that does not vanish while
+    w is small)."""
     beta: float = 1e6
     """Weight of L_reinforce. L_reinforce is averaged over valid thoughts *and* their tokens, the
     reference's normalisation, so its beta keeps its meaning."""
@@ -103,7 +114,8 @@ class ThoughtConfig:
         _require(self.reinforce_temperature is None or (math.isfinite(self.reinforce_temperature)
                                                         and self.reinforce_temperature >= MIN_TEMPERATURE),
                  "reinforce_temperature", self.reinforce_temperature, f"must be a finite number >= {MIN_TEMPERATURE} or None")
-        for key in ("w_talk", "w_base", "beta", "thought_lr_mult", "mixing_lr_mult"):
+        _require(self.reward in REWARDS, "reward", self.reward, f"must be one of {list(REWARDS)}")
+        for key in ("w_talk", "w_base", "w_read", "beta", "thought_lr_mult", "mixing_lr_mult"):
             v = getattr(self, key)
             _require(math.isfinite(v) and v >= 0, key, v, "must be a finite number >= 0")
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",

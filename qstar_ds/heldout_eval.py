@@ -52,9 +52,10 @@ class HeldoutEval:
         self.step = 0
 
     def _eval_config(self) -> ThoughtConfig:
-        """The training thought settings with one thought per position at the evaluation temperature."""
+        """The training thought settings with one thought per position at the evaluation temperature
+        (no rewards: one thought has none to compare, so none come from the read log-probs)."""
         return dataclasses.replace(self.cfg.thought, n_thoughts=1, temperature=self.cfg.eval.temperature,
-                                   top_k=0)
+                                   top_k=0, reward="mixed")
 
     @torch.no_grad()
     def __call__(self, step: int, final: bool = False) -> dict:

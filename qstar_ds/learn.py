@@ -9,7 +9,9 @@ with i = anchor[b, m]. From its hidden states we read
   - base NLL: base token i predicts x_{i+1};
   - thought log-probs: stream token s-1 (<sot> for s = 1) predicts c_s, at the policy temperature;
   - talk: stream token t+j (<eot> for j = 1, x_{i+j-1} after) and base token i+j-1 are mixed by
-    the mixing head to predict x_{i+j}, j = 1..K.
+    the mixing head to predict x_{i+j}, j = 1..K;
+  - read (only when thought.w_read > 0 or the rewards come from it): stream token t+j alone
+    predicts x_{i+j}.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from .config import ThoughtConfig
 from .layout import Layout
 from .losses import Normalizer, base_target_mask, compute_rewards, quiet_star_losses, stream_validity, total_loss
-from .talk import logprobs, talk_logprobs, talk_targets
+from .talk import logprobs, read_logprobs, reward_logprobs, talk_logprobs, talk_targets
 
 
 def stream_ids(input_ids: torch.Tensor, anchor: torch.Tensor, thoughts: torch.Tensor,
@@ -38,7 +40,7 @@ class LearnOutput:
     loss: torch.Tensor
     """Scalar w_talk * talk + w_base * base + beta * reinforce."""
     losses: dict[str, torch.Tensor]
-    """Each loss term ("talk", "base", "reinforce")."""
+    """Each loss term ("talk", "base", "reinforce", "read")."""
     thought_logp: torch.Tensor
     """(B, M, t) log p(c_s | x_<=i, <sot>, c_<s) at the policy temperature (0 for streams with
     zero REINFORCE weight when the rewards were given and the loss is chunked: not computed)."""
@@ -54,6 +56,9 @@ class LearnOutput:
     """(B, M) bool: streams that count."""
     rewards: torch.Tensor
     """(B, M) rewards used by the REINFORCE term."""
+    read_logp: torch.Tensor | None = None
+    """(B, M, K) log-probs of the talk targets from the post-thought states alone (when
+    computed: thought.w_read > 0, or rewards from them)."""
 
 
 def base_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -70,7 +75,7 @@ def base_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask
     base = -(base_logp * base_mask.to(base_logp.dtype)).sum() / max(n_base, 1.0)
     zero = base.new_zeros(())
     empty = base_logp.new_zeros(B, 0)
-    return LearnOutput(base, {"talk": zero, "base": base, "reinforce": zero}, empty[..., None].expand(B, 0, cfg.thought_len),
+    return LearnOutput(base, {"talk": zero, "base": base, "reinforce": zero, "read": zero}, empty[..., None].expand(B, 0, cfg.thought_len),
                        empty[..., None].expand(B, 0, cfg.talk_len), empty[..., None].expand(B, 0, cfg.talk_len),
                        base_logp, base_mask, empty.bool(), empty)
 
@@ -111,12 +116,15 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
     else:
         thought_logp = logprobs(model, h_st[:, :, :t], thoughts, cfg.policy_temperature, ch)  # (B, M, t)
     talk_logp, mix_w = talk_logprobs(model, h_base, h_st[:, :, t + 1:], input_ids, anchor, ch)
+    read_logp = None                                                           # (B, M, K)
+    if cfg.w_read > 0 or (rewards is None and cfg.reward == "read"):
+        read_logp = read_logprobs(model, h_st[:, :, t + 1:], input_ids, anchor, ch)
 
     if rewards is None:
-        rewards = compute_rewards(talk_logp.sum(-1), valid, cfg.n_thoughts)
+        rewards = compute_rewards(reward_logprobs(cfg, talk_logp, read_logp), valid, cfg.n_thoughts)
     if norm is None:
         norm = Normalizer.local(valid, base_mask)
     losses = quiet_star_losses(thought_logp, talk_logp, base_logp, valid, base_mask, rewards,
-                               cfg.clip_negative_rewards, norm)
-    loss = total_loss(losses, cfg.w_talk, cfg.w_base, cfg.beta)
-    return LearnOutput(loss, losses, thought_logp, talk_logp, mix_w, base_logp, base_mask, valid, rewards)
+                               cfg.clip_negative_rewards, norm, read_logp if cfg.w_read > 0 else None)
+    loss = total_loss(losses, cfg.w_talk, cfg.w_base, cfg.beta, cfg.w_read)
+    return LearnOutput(loss, losses, thought_logp, talk_logp, mix_w, base_logp, base_mask, valid, rewards, read_logp)

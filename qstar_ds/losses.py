@@ -5,9 +5,10 @@ t thought tokens, K talk tokens, n base tokens.
 
     reward(i,k)  = logp_talk(i,k) - mean_k' logp_talk(i,k')            (no gradient)
     L_talk       = - sum_valid logp_talk(i,k)          / (N_streams * K)
+    L_read       = - sum_valid logp_read(i,k)          / (N_streams * K)   (post-thought state alone)
     L_base       = - sum_valid log p(x_{i+1} | x_<=i)  / N_base
     L_reinforce  = - sum_valid max(reward, 0) * sum_s log p(c_s) / (N_streams * t)
-    L            = w_talk * L_talk + w_base * L_base + beta * L_reinforce
+    L            = w_talk * L_talk + w_base * L_base + beta * L_reinforce + w_read * L_read
 
 N_streams and N_base are counts of valid terms. They default to the counts in the tensors given,
 and can be passed in (`Normalizer`) when one optimizer step is split into chunks, so that the sum
@@ -58,9 +59,11 @@ class Normalizer:
 
 def quiet_star_losses(thought_logp: torch.Tensor, talk_logp: torch.Tensor, base_logp: torch.Tensor,
                       valid: torch.Tensor, base_mask: torch.Tensor, rewards: torch.Tensor,
-                      clip_negative: bool, norm: Normalizer) -> dict[str, torch.Tensor]:
+                      clip_negative: bool, norm: Normalizer, read_logp: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
     """thought_logp (B, M, t), talk_logp (B, M, K), base_logp (B, n-1), valid (B, M),
-    base_mask (B, n-1), rewards (B, M) -> {"talk", "base", "reinforce"} scalar losses."""
+    base_mask (B, n-1), rewards (B, M), read_logp (B, M, K) or None -> {"talk", "base",
+    "reinforce", "read"} scalar losses ("read" is 0 without read_logp)."""
     t, K = thought_logp.shape[-1], talk_logp.shape[-1]
     vf = valid.to(talk_logp.dtype)
     adv = rewards.detach().clamp(min=0) if clip_negative else rewards.detach()
@@ -68,8 +71,11 @@ def quiet_star_losses(thought_logp: torch.Tensor, talk_logp: torch.Tensor, base_
     talk = -(talk_logp.sum(-1) * vf).sum() / (n_streams * K)
     reinforce = -(adv * vf * thought_logp.sum(-1)).sum() / (n_streams * t)
     base = -(base_logp * base_mask.to(base_logp.dtype)).sum() / max(norm.n_base, 1.0)
-    return {"talk": talk, "base": base, "reinforce": reinforce}
+    read = talk.new_zeros(()) if read_logp is None else -(read_logp.sum(-1) * vf).sum() / (n_streams * K)
+    return {"talk": talk, "base": base, "reinforce": reinforce, "read": read}
 
 
-def total_loss(losses: dict[str, torch.Tensor], w_talk: float, w_base: float, beta: float) -> torch.Tensor:
-    return w_talk * losses["talk"] + w_base * losses["base"] + beta * losses["reinforce"]
+def total_loss(losses: dict[str, torch.Tensor], w_talk: float, w_base: float, beta: float,
+               w_read: float = 0.0) -> torch.Tensor:
+    loss = w_talk * losses["talk"] + w_base * losses["base"] + beta * losses["reinforce"]
+    return loss + w_read * losses["read"] if w_read else loss

@@ -63,7 +63,7 @@ def _mix_weight(qmodel, hb: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
 def reference_pass(qmodel, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    anchor: torch.Tensor, thoughts: torch.Tensor, attn: str = "sdpa") -> dict:
     """Same inputs as learn.learn_pass. Returns per-stream values for valid streams
-    ({(b, m): {"thought_logp", "talk_logp", "mix_w"}}), base log-probs {(b, i): value}, rewards,
+    ({(b, m): {"thought_logp", "talk_logp", "read_logp", "mix_w"}}), base log-probs {(b, i): value}, rewards,
     the loss terms and the total loss (all differentiable)."""
     B, n = input_ids.shape
     t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
@@ -89,25 +89,29 @@ def reference_pass(qmodel, cfg: ThoughtConfig, input_ids: torch.Tensor, attentio
                 # h[j+1+s] is <sot> (s = 0) or c_s and predicts c_{s+1}
                 th = torch.stack([_logprob(qmodel, h[j + 1 + s], c[s], cfg.policy_temperature)
                                   for s in range(t)])
-                talk, ws = [], []
+                talk, read, ws = [], [], []
                 for step in range(1, K + 1):
                     ht = h[j + t + 1 + step]          # <eot> for step 1, then x_{i+step-1}
                     w = _mix_weight(qmodel, hb[j + step - 1], ht)
                     mixed = (1 - w) * hb[j + step - 1] + w * ht
                     talk.append(_logprob(qmodel, mixed, xs[j + step]))
+                    read.append(_logprob(qmodel, ht, xs[j + step]))   # the thought's state alone
                     ws.append(w)
-                streams[(b, m)] = {"thought_logp": th, "talk_logp": torch.stack(talk), "mix_w": torch.stack(ws)}
+                streams[(b, m)] = {"thought_logp": th, "talk_logp": torch.stack(talk),
+                                   "read_logp": torch.stack(read), "mix_w": torch.stack(ws)}
 
+    scored = "read_logp" if cfg.reward == "read" else "talk_logp"
     rewards = {}
     for (b, m), v in streams.items():
-        group = [streams[(b, mm)]["talk_logp"].sum() for mm in range(m - m % r, m - m % r + r)
+        group = [streams[(b, mm)][scored].sum() for mm in range(m - m % r, m - m % r + r)
                  if (b, mm) in streams]
-        rewards[(b, m)] = (v["talk_logp"].sum() - sum(group) / len(group)).detach()
+        rewards[(b, m)] = (v[scored].sum() - sum(group) / len(group)).detach()
     n_streams = max(len(streams), 1)
     talk_loss = -sum((v["talk_logp"].sum() for v in streams.values()), torch.tensor(0.0)) / (n_streams * K)
+    read_loss = -sum((v["read_logp"].sum() for v in streams.values()), torch.tensor(0.0)) / (n_streams * K)
     reinforce = -sum(((rewards[k].clamp(min=0) if cfg.clip_negative_rewards else rewards[k])
                       * v["thought_logp"].sum() for k, v in streams.items()), torch.tensor(0.0)) / (n_streams * t)
     base_loss = -sum(base.values(), torch.tensor(0.0)) / max(len(base), 1)
-    loss = cfg.w_talk * talk_loss + cfg.w_base * base_loss + cfg.beta * reinforce
+    loss = cfg.w_talk * talk_loss + cfg.w_base * base_loss + cfg.beta * reinforce + cfg.w_read * read_loss
     return {"streams": streams, "base": base, "rewards": rewards, "loss": loss,
-            "losses": {"talk": talk_loss, "base": base_loss, "reinforce": reinforce}}
+            "losses": {"talk": talk_loss, "base": base_loss, "reinforce": reinforce, "read": read_loss}}

@@ -65,17 +65,18 @@ def curves_figure(rows: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("train loss: talk (mixed NLL)", ["loss_talk"]), ("train loss: base NLL", ["loss_base"]),
+    panels = [("train loss: talk (mixed NLL), read (after the thought alone)", ["loss_talk", "loss_read"]), ("train loss: base NLL", ["loss_base"]),
               ("train loss: REINFORCE", ["loss_reinforce"]), ("reward", ["reward_mean", "reward_pos_frac"]),
               ("mixing weight (mean)", ["mix_w_mean"]), ("grad norm (before clipping)", ["grad_norm"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6))
     for ax, (title, keys) in zip(axes.flat, panels):
-        for k in keys:
+        shown = [k for k in keys if _series(rows, k)[0]]
+        for k in shown:
             x, y = _series(rows, k)
             ax.plot(x, y, label=k, lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        if len(keys) > 1:
+        if len(shown) > 1:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

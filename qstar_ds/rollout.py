@@ -18,7 +18,7 @@ import torch
 from .config import ThoughtConfig
 from .layout import Layout
 from .losses import compute_rewards, stream_validity
-from .talk import talk_logprobs, talk_targets
+from .talk import read_logprobs, reward_logprobs, talk_logprobs, talk_targets
 
 
 @dataclass
@@ -32,11 +32,15 @@ class Rollout:
     mix_w: torch.Tensor
     """(B, M, K) mixing weights."""
     rewards: torch.Tensor
-    """(B, M) talk log-prob minus the mean over the r thoughts of the position (0 if invalid)."""
+    """(B, M) talk log-prob (mixed, or read: thought.reward) minus the mean over the r thoughts
+    of the position (0 if invalid)."""
     valid: torch.Tensor
     """(B, M) bool: whether the stream's talk window lies inside the real tokens."""
     base_logp: torch.Tensor | None = None
     """(B, n-1) base log-probs of x_{i+1} (only with base_logprobs=True: held-out evaluation)."""
+    read_logp: torch.Tensor | None = None
+    """(B, M, K) log-probs of the talk targets from the post-thought states alone (only with
+    thought.reward = read or read_logprobs=True)."""
 
 
 def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
@@ -161,11 +165,13 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
 @torch.no_grad()
 def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             positions: torch.Tensor | None = None, generator: torch.Generator | None = None,
-            base_logprobs: bool = False, thoughts: torch.Tensor | None = None) -> Rollout:
+            base_logprobs: bool = False, thoughts: torch.Tensor | None = None,
+            read_logprobs_too: bool = False) -> Rollout:
     """input_ids, attention_mask (B, n); positions (P,) base indices to think after (default:
     all whose talk window fits). Returns thoughts and their talk log-probs and rewards, and with
     `base_logprobs` the base model's next-token log-probs from the same prefill. `thoughts`
-    (B, M, t): feed these instead of sampling (filler thoughts)."""
+    (B, M, t): feed these instead of sampling (filler thoughts). `read_logprobs_too`: also the
+    post-thought states' own log-probs of the talk targets (Rollout.read_logp)."""
     B, n = input_ids.shape
     t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
     if positions is None:
@@ -190,9 +196,12 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     layout = layout.extend(t, K + 1)
     h = model.hidden(last.flatten(1), layout, cache).unflatten(1, (M, K + 1))  # (B, M, K+1, H)
     talk_logp, mix_w = talk_logprobs(model, h_base, h[:, :, 1:], input_ids, anchor, cfg.loss_chunk_tokens)
+    read_logp = None
+    if read_logprobs_too or cfg.reward == "read":
+        read_logp = read_logprobs(model, h[:, :, 1:], input_ids, anchor, cfg.loss_chunk_tokens)
     valid = stream_validity(base_valid, anchor, K)
-    rewards = compute_rewards(talk_logp.sum(-1), valid, r)
+    rewards = compute_rewards(reward_logprobs(cfg, talk_logp, read_logp), valid, r)
     base_logp = None
     if base_logprobs:
         base_logp = model.token_logprobs(h_base[:, :-1], input_ids[:, 1:], 1.0, cfg.loss_chunk_tokens)
-    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid, base_logp)
+    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid, base_logp, read_logp)

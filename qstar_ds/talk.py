@@ -1,6 +1,7 @@
 """The talk window, shared by the rollout and the learn pass: the K true tokens after a position,
 and their log-probs under the mixed prediction (mixing head over the base and post-thought
-states), optionally recomputed in backward so that no vocabulary-sized logits are stored.
+states) or under the post-thought state alone ("read"), optionally recomputed in backward so
+that no vocabulary-sized logits are stored.
 """
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_id
         return model.token_logprobs(mixed, targets, 1.0, chunk), w
 
     return maybe_checkpoint(model, mixed_logprobs, hb, h_thought)
+
+
+def read_logprobs(model, h_thought: torch.Tensor, input_ids: torch.Tensor, anchor: torch.Tensor,
+                  chunk: int = 0) -> torch.Tensor:
+    """h_thought (B, M, K, H) -> (B, M, K) log-probs of the talk targets x_{i+1..i+K} from the
+    post-thought states alone (no mixing: what the model reads from its thought)."""
+    return logprobs(model, h_thought, talk_targets(input_ids, anchor, h_thought.shape[2]), 1.0, chunk)
+
+
+def reward_logprobs(cfg, talk_logp: torch.Tensor, read_logp: torch.Tensor | None) -> torch.Tensor:
+    """(B, M, K) -> (B, M): the summed talk log-probs the rewards compare (thought.reward)."""
+    return (read_logp if cfg.reward == "read" else talk_logp).sum(-1)

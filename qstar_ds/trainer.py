@@ -51,7 +51,7 @@ TEMPLATE_DIR = "hf_template"
 class StepTotals:
     """The step's losses and mixing weights, summed over this rank's chunks (weighted: a repeat
     counts 0), then over the ranks."""
-    KEYS = ("talk", "base", "reinforce", "loss", "mix_w_sum", "mix_w_count")
+    KEYS = ("talk", "base", "reinforce", "read", "loss", "mix_w_sum", "mix_w_count")
 
     def __init__(self, device):
         self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
@@ -59,7 +59,8 @@ class StepTotals:
     def add(self, out: LearnOutput, weight: float) -> None:
         w = out.mix_w.detach()[out.valid]
         self.sums += weight * torch.stack([out.losses["talk"].detach(), out.losses["base"].detach(),
-                                           out.losses["reinforce"].detach(), out.loss.detach(),
+                                           out.losses["reinforce"].detach(), out.losses["read"].detach(),
+                                           out.loss.detach(),
                                            w.sum(), w.new_tensor(float(w.numel()))]).double()
 
     def over_ranks(self) -> dict[str, float]:
@@ -283,6 +284,7 @@ class Trainer:
         rss, gpu = self.dist.peak_memory_gb()
         gn = self.dist.grad_norm()
         return {"loss": s["loss"], "loss_talk": s["talk"], "loss_base": s["base"], "loss_reinforce": s["reinforce"],
+                **({"loss_read": s["read"]} if self.cfg.thought.w_read > 0 else {}),
                 "reward_mean": rewards.mean().item() if rewards.numel() else 0.0,
                 "reward_pos_frac": (rewards > 0).float().mean().item() if rewards.numel() else 0.0,
                 "mix_w_mean": s["mix_w_sum"] / s["mix_w_count"] if s["mix_w_count"] > 0 else 0.0,

@@ -25,11 +25,11 @@ SHAPES = [  # (n, r, thought_len, K)
 
 
 def run_both(arch, n, r, t, K, dtype=torch.float64, pad="both", attn="sdpa", tie=False, clip=True,
-             seed=0, reinforce_temperature=None):
+             seed=0, reinforce_temperature=None, w_read=0.0, reward="mixed"):
     model, tok = make_model(arch, dtype=dtype, seed=seed, tie=tie)
     cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.7, w_talk=0.4, w_base=0.6,
                         temperature=1.3, clip_negative_rewards=clip,
-                        reinforce_temperature=reinforce_temperature)
+                        reinforce_temperature=reinforce_temperature, w_read=w_read, reward=reward)
     B = 2
     x, am = random_batch(n, B, len(tok) - 2, pad, seed)
     # every position, including those whose talk window runs past the end or into padding
@@ -69,6 +69,11 @@ def assert_equal_to_reference(out, g_out, ref, g_ref, rtol):
         close_to(out.base_logp[b, i], v, rtol)
     for key in ("talk", "base", "reinforce"):
         close_to(out.losses[key], ref["losses"][key], rtol, key)
+    if out.read_logp is not None:
+        for (b, m), v in ref["streams"].items():
+            close_to(out.read_logp[b, m], v["read_logp"], rtol)
+    if out.losses["read"].abs() > 0:     # counted only with thought.w_read > 0
+        close_to(out.losses["read"], ref["losses"]["read"], rtol, "read")
     close_to(out.loss, ref["loss"], rtol, "loss")
     assert set(g_out) == set(g_ref)
     for name in g_ref:
@@ -105,3 +110,17 @@ def test_reference_under_eager_attention():
 def test_tied_embeddings_no_clipping_and_reinforce_temperature():
     _, out, g_out, ref, g_ref = run_both("llama", 8, 2, 2, 3, tie=True, clip=False, reinforce_temperature=3.0)
     assert_equal_to_reference(out, g_out, ref, g_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_read_loss_and_rewards_from_the_thought_alone(arch):
+    """thought.w_read > 0 (the post-thought states' own NLL) and thought.reward = read."""
+    _, out, g_out, ref, g_ref = run_both(arch, 8, 2, 2, 3, w_read=0.8, reward="read")
+    assert_equal_to_reference(out, g_out, ref, g_ref, rtol=1e-5)
+    assert out.losses["read"] > 0 and out.losses["reinforce"].abs() > 0
+    v = out.valid
+    mixed = out.talk_logp.sum(-1) - out.talk_logp.sum(-1).view(2, -1, 2).mean(-1).repeat_interleave(2, -1)
+    assert (out.rewards[v] - mixed[v]).abs().max() > 1e-3, "read rewards must differ from mixed ones"
+    _, plain, g_plain, _, _ = run_both(arch, 8, 2, 2, 3)
+    assert plain.read_logp is None and plain.losses["read"] == 0
+    assert any((g_plain[k] - g_out[k]).abs().max() > 1e-6 for k in g_out), "w_read must change the gradient"

@@ -37,6 +37,21 @@ def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r):
         assert ro.rewards[v].abs().max() > 0
 
 
+def test_rollout_read_rewards_equal_learn_pass():
+    model, tok = make_model("llama", dtype=torch.float64)
+    cfg = cfg_for(reward="read")
+    x, am = random_batch(9, 2, len(tok) - 2, "both")
+    ro = rollout(model, cfg, x, am, positions=torch.arange(9, device=DEVICE), generator=gen(1))
+    with torch.no_grad():
+        out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
+    v = ro.valid
+    torch.testing.assert_close(ro.read_logp[v], out.read_logp[v], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ro.rewards, out.rewards, rtol=1e-10, atol=1e-10)
+    mixed = rollout(model, cfg_for(), x, am, positions=torch.arange(9, device=DEVICE), generator=gen(1))
+    assert mixed.read_logp is None
+    assert (mixed.rewards[v] - ro.rewards[v]).abs().max() > 1e-3
+
+
 def test_seeded_and_reproducible_and_markers_never_sampled():
     model, tok = make_model("llama", dtype=torch.float32)
     with torch.no_grad():  # make the markers the most likely tokens, were they not masked

@@ -99,3 +99,18 @@ def test_thinking_at_a_subset_of_positions_under_two_rank_zero3_equals_the_refer
     assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     every, _ = reference_run(two["init"], {"train.batch_size": 1})
     assert any((every[k] - ref[k]).abs().max() > 1e-4 for k in ref), "a subset must change the update"
+
+
+def test_read_loss_and_read_rewards_under_two_rank_zero3_equal_the_reference(tmp_path):
+    """thought.w_read (the post-thought states' own NLL) and thought.reward = read, 2 ranks, with
+    the fast paths on, against the one-process dense run."""
+    read = {"thought.w_read": 0.7, "thought.reward": "read"}
+    two = run_worker(tmp_path, "read", 2, {**read, "thought.attention_backend": "split",
+                                           "thought.loss_chunk_tokens": 16})
+    ref, out = reference_run(two["init"], read)
+    assert out.losses["read"] > 0 and out.losses["reinforce"].abs() > 0
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert two["metrics"]["loss_read"] == pytest.approx(out.losses["read"].item(), rel=1e-5)
+    plain, _ = reference_run(two["init"], {})
+    assert any((plain[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the read loss must change the update"
