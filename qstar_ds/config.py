@@ -154,12 +154,19 @@ class ModelConfig:
     """0: the mixing head's last layer starts at zero, so training starts from the base LM
     exactly (the paper's choice). > 0: the whole mixing head starts N(0, std) (seeded), so that
     thoughts matter from the first step (tests, experiments)."""
+    thought_init: str = "---"
+    """Text whose first token's embedding starts both thought markers (<|startofthought|>,
+    <|endofthought|>). "---" is the paper's; in SmolLM2's tokenizer it is one markdown-rule token
+    after which the model starts a new paragraph (thoughts open with a blank line), while " —"
+    (an em-dash: an aside inside the sentence) makes thoughts continue the text. Only a fresh
+    run reads it: checkpoints keep the trained markers."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype", self.dtype,
                  "must be auto, float32 or bfloat16")
         _require(bool(self.name), "model.name", self.name, "must not be empty")
         _require(self.mixing_init_std >= 0, "model.mixing_init_std", self.mixing_init_std, "must be >= 0")
+        _require(bool(self.thought_init), "model.thought_init", self.thought_init, "must not be empty")
 
 
 @dataclass

@@ -7,7 +7,7 @@ dispatches our layouts to an attention backend.
 Thought tokens. `<|startofthought|>`/`<|endofthought|>` are added to the tokenizer and to the
 embedding matrix (and to an untied output head), initialised to the embedding of the first token
 of "---". Their *trainable* values live in a separate (2, H) parameter `thought_embeds` (in the
-small module `thought_embedding`), which
+small module `thought_embedding`; model.thought_init chooses another text), which
 replaces the two rows on input: a separate parameter can get its own learning rate (ZeRO-3
 partitions whole parameters, so two rows of the embedding matrix could not), see
 ThoughtConfig.thought_lr_mult. `save_pretrained` writes them back into the embedding rows too,
@@ -173,12 +173,14 @@ class QuietStarModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_base(cls, base: nn.Module, tokenizer) -> "QuietStarModel":
+    def from_base(cls, base: nn.Module, tokenizer, init_text: str = INIT_TEXT) -> "QuietStarModel":
         """Add the thought tokens to `tokenizer` and `base` (embedding rows = first token of
-        "---") and wrap. Mutates both, like `tokenizer.add_tokens` + `resize_token_embeddings`."""
-        dash = tokenizer.encode(INIT_TEXT, add_special_tokens=False)
+        `init_text`, model.thought_init) and wrap. Mutates both, like `tokenizer.add_tokens` +
+        `resize_token_embeddings`."""
+        dash = tokenizer.encode(init_text, add_special_tokens=False)
         if not dash:
-            raise ValueError(f"tokenizer encodes {INIT_TEXT!r} to no tokens")
+            from .config import ConfigError
+            raise ConfigError(f"model.thought_init={init_text!r}: the tokenizer encodes it to no tokens")
         tokens = add_thought_tokens(tokenizer)
         need = max(tokens.sot_id, tokens.eot_id) + 1
         if need > shape_of(base.get_input_embeddings().weight)[0]:

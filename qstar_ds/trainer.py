@@ -108,7 +108,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
-        model = QuietStarModel.from_base(base, self.tokenizer)
+        model = QuietStarModel.from_base(base, self.tokenizer, cfg.model.thought_init)
         if cfg.model.mixing_init_std > 0:
             randomize_mixing_head(model, cfg.model.mixing_init_std, cfg.train.seed)
         if cfg.model.gradient_checkpointing:

@@ -60,6 +60,7 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--thought.positions", "-1"], "thought.positions=-1: must be an integer >= 0"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
+    (["--model.thought_init", ""], "model.thought_init='': must not be empty"),
     (["--no.such_key", "1"], "unknown config key 'no.such_key'"),
     (["--preset", "gpt5"], "preset='gpt5': unknown"),
     (["--ds_config", "missing.json"], "ds_config='missing.json': no such file"),

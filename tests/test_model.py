@@ -14,13 +14,14 @@ from conftest import make_model, random_batch, random_thoughts
 from helpers import assert_equal
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_thought_tokens_added_and_initialised_from_dashes(tie):
+@pytest.mark.parametrize("tie,init", [(False, None), (True, None), (True, " \u2014")])
+def test_thought_tokens_added_and_initialised_from_dashes(tie, init):
     tok = tiny_tokenizer()
     base = tiny_causal_lm("llama", len(tok), tie=tie)
     n_before = len(tok)
-    dash = tok.encode(INIT_TEXT, add_special_tokens=False)[0]
-    model = QuietStarModel.from_base(base, tok)
+    dash = tok.encode(init or INIT_TEXT, add_special_tokens=False)[0]
+    assert init is None or dash != tok.encode(INIT_TEXT, add_special_tokens=False)[0]
+    model = QuietStarModel.from_base(base, tok, *([init] if init else []))
     assert len(tok) == n_before + 2
     assert tok.convert_tokens_to_ids([SOT_TOKEN, EOT_TOKEN]) == [model.sot_id, model.eot_id]
     assert tok.encode(f"a{SOT_TOKEN}b{EOT_TOKEN}", add_special_tokens=False).count(model.sot_id) == 1

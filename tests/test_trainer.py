@@ -55,9 +55,14 @@ def reference_run(init: dict, overrides: dict) -> dict:
 
 
 def test_two_ranks_zero3_equal_one_process_reference(tmp_path):
-    two = run_worker(tmp_path, "two", 2, {})
+    two = run_worker(tmp_path, "two", 2, {"model.thought_init": " \u2014"})
     ref, out = reference_run(two["init"], {})
     assert out.losses["reinforce"].abs() > 0, "step 2 must carry a REINFORCE gradient"
+    # model.thought_init reached both markers: each starts as the embedding of the first token of " \u2014"
+    tok = build_base("tiny-llama", torch.float32, None, 0)[1]
+    first = tok.encode(" \u2014", add_special_tokens=False)[0]
+    emb = two["init"]["base.model.embed_tokens.weight"]
+    assert torch.equal(two["init"]["thought_embedding.weight"], emb[[first, first]])
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
 
