@@ -1,0 +1,85 @@
+"""tools/thought_init_probe.py: the thoughts it feeds and the NLLs it reports, against plain
+forwards of the HF model on the laid-out token sequences."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from thought_init_probe import probe, set_markers  # noqa: E402
+
+from qstar_ds.config import ThoughtConfig  # noqa: E402
+from qstar_ds.loading import load_model  # noqa: E402
+
+
+def plain_logp(model, seq: list[int], target: int) -> float:
+    """log p(target | seq) from one ordinary causal forward (markers' learned vectors on input,
+    their logits masked, as everywhere in the model)."""
+    ids = torch.tensor([seq])
+    logits = model.base(inputs_embeds=model.embed(ids)).logits[0, -1].double()
+    logits[[model.sot_id, model.eot_id]] = float("-inf")
+    return float(logits.log_softmax(-1)[target])
+
+
+def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards():
+    loaded = load_model("tiny-llama")
+    model, tok = loaded.model, loaded.tokenizer
+    first = set_markers(model, tok, " \u2014")
+    assert torch.equal(model.thought_embeds[0], model.base.get_input_embeddings().weight[first])
+    g = torch.Generator().manual_seed(0)
+    D, n, t, K = 3, 12, 3, 2
+    ids = torch.randint(5, len(tok) - 2, (D, n), generator=g)
+    mask = torch.ones_like(ids)
+    cfg = ThoughtConfig(n_thoughts=1, temperature=1.0, thought_len=t, talk_len=K)
+    r = probe(model, tok, ids, mask, cfg, seed=0)
+    th = r["thoughts"]
+    P = n - K
+    assert th["own"].shape == (D, P, t)
+    assert torch.equal(th["other"], th["own"].roll(1, dims=0))
+    eos = tok.eos_token_id
+    for d in range(D):
+        for p in range(P):
+            want = ids[d, p + 1:p + 1 + t].tolist()
+            assert th["true"][d, p].tolist() == want + [eos] * (t - len(want))
+    # every reported NLL: the mean over windows of each window's mean over positions, from plain forwards
+    expect = {"nll_base": [], "nll_reader_own": [], "nll_reader_other": [], "nll_reader_true": []}
+    with torch.no_grad():
+        for d in range(D):
+            rows = {k: [] for k in expect}
+            for p in range(P):
+                prefix, target = ids[d, :p + 1].tolist(), int(ids[d, p + 1])
+                rows["nll_base"].append(-plain_logp(model, prefix, target))
+                for k in ("own", "other", "true"):
+                    seq = prefix + [model.sot_id] + th[k][d, p].tolist() + [model.eot_id]
+                    rows[f"nll_reader_{k}"].append(-plain_logp(model, seq, target))
+            for k, v in rows.items():
+                expect[k].append(sum(v) / len(v))
+    for k, v in expect.items():
+        assert abs(r[k] - sum(v) / D) < 1e-4, (k, r[k], sum(v) / D)
+    content = sum(expect["nll_reader_other"]) / D - sum(expect["nll_reader_own"]) / D
+    assert abs(r["content"] - content) < 1e-4
+    assert 0.0 <= r["newline"] <= 1.0
+
+
+def test_cli_runs_on_a_local_corpus_and_refuses_an_empty_init(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"Document {i}: the sum of {i} and {i + 1} is {2 * i + 1}, so we write it down."}) + "\n")
+    base = [sys.executable, os.path.join(ROOT, "tools", "thought_init_probe.py"), "--model", "tiny-llama",
+            "--data", str(corpus), "--windows", "3", "--seq_len", "16", "--thought_len", "3"]
+    out = tmp_path / "probe.json"
+    res = subprocess.run(base + ["--out", str(out), "--init", "---", "--init", " \u2014"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(out.read_text())["results"]
+    assert [r["init"] for r in got] == ["---", " \u2014"] and all(r["windows"] == 3 for r in got)
+    assert got[0]["nll_base"] == got[1]["nll_base"]          # the markers never touch the base prediction
+    res = subprocess.run(base + ["--out", str(out), "--init", ""], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "thought_init_probe: error: --init '': the tokenizer encodes it to no tokens"

@@ -1,0 +1,145 @@
+"""Before a run: what the thought markers' starting embedding makes the untrained model think.
+
+    python tools/thought_init_probe.py --data ../shared/data/owm_sample/text.jsonl --init "---" --init " —"
+
+For each init text (its first token's embedding starts <|startofthought|> and <|endofthought|>, as
+model.thought_init does), on the held-out windows a run with these data settings scores (data.seed
+0, packed unless --no_pack): one thought sampled at --temperature after every position whose
+K-token window fits, and
+
+  newline   the share of thoughts whose first token starts with a newline: a new paragraph
+            rather than the text going on
+  reader    NLL of the next token from the post-thought state alone (w = 1, what a model reads
+            from a thought; the mixing head is untrained, so the mixed prediction is still the
+            base one), with the window's own thought, with the thought sampled at the same position
+            of the previous window ("other"), and with the true next thought_len tokens as the
+            thought ("true"; EOS-padded where the window ends first)
+  content   reader other - own, 95% CI over windows: > 0 when the thought's content helps the
+            reader, the effect the content check of a trained run looks for
+
+All on the same positions and windows; prints one line per init and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qstar_ds.config import ConfigError, DataConfig, EvalConfig, ThoughtConfig  # noqa: E402
+from qstar_ds.heldout import mean_ci, per_sequence  # noqa: E402
+from qstar_ds.rollout import default_positions, rollout  # noqa: E402
+
+
+def true_thoughts(ids: torch.Tensor, positions: torch.Tensor, t: int, pad: int) -> torch.Tensor:
+    """(D, n) ids, (P,) positions -> (D, P, t): x_{i+1..i+t} after each position i, `pad` past the end."""
+    padded = torch.nn.functional.pad(ids, (0, t), value=pad)                     # (D, n + t)
+    idx = positions[:, None] + 1 + torch.arange(t)                               # (P, t)
+    return padded[:, idx]
+
+
+def set_markers(model, tokenizer, text: str) -> int:
+    """Both thought markers <- the input embedding of the first token of `text`; -> that token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ConfigError(f"--init {text!r}: the tokenizer encodes it to no tokens")
+    with torch.no_grad():
+        model.thought_embeds.copy_(model.base.get_input_embeddings().weight[ids[0]].expand(2, -1))
+    return ids[0]
+
+
+def probe(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, cfg: ThoughtConfig, seed: int) -> dict:
+    """One init (already set): thoughts and the reader's next-token log-probs with own, another
+    window's and the true thoughts. -> summary numbers plus the three thought tensors (D, P, t)."""
+    positions = default_positions(ids.shape[1], cfg.talk_len, ids.device)
+    own = rollout(model, cfg, ids, mask, positions, torch.Generator().manual_seed(seed), base_logprobs=True,
+                  read_logprobs_too=True)
+    fed = {"other": own.thoughts.roll(1, dims=0),
+           "true": true_thoughts(ids, positions, cfg.thought_len, tokenizer.eos_token_id)}
+    ros = {"own": own, **{k: rollout(model, cfg, ids, mask, positions, thoughts=v, read_logprobs_too=True)
+                          for k, v in fed.items()}}
+    valid = own.valid.bool()                                                     # (D, P)
+    base = own.base_logp.gather(1, own.anchor)                                   # (D, P)
+    out: dict = {"windows": int(ids.shape[0]), "positions": int(valid.sum()),
+                 "nll_base": mean_ci(per_sequence(-base.double(), valid))[0]}
+    for k, ro in ros.items():
+        out[f"nll_reader_{k}"] = mean_ci(per_sequence(-ro.read_logp[..., 0].double(), valid))[0]
+    diff = (ros["own"].read_logp - ros["other"].read_logp)[..., 0].double()
+    m, lo, hi = mean_ci(per_sequence(diff, valid))
+    out["content"], out["content_ci95"] = m, [lo, hi]
+    firsts = own.thoughts[..., 0][valid].tolist()
+    out["newline"] = sum(tokenizer.decode([f]).startswith("\n") for f in firsts) / max(1, len(firsts))
+    out["examples"] = [{"context": tokenizer.decode(ids[0, max(0, p - 8):p + 1].tolist()),
+                        "thought": tokenizer.decode(own.thoughts[0, p].tolist())}
+                       for p in range(0, int(valid[0].sum()), max(1, int(valid[0].sum()) // 3))][:3]
+    return {**out, "thoughts": {"own": own.thoughts, **fed}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qstar_ds.data import DataError, heldout_sequences
+    from qstar_ds.loading import load_model
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a base model spec (see qstar_ds.loading)")
+    ap.add_argument("--data", required=True, help="a local .jsonl/.json/.parquet/.txt corpus (data.source)")
+    ap.add_argument("--init", action="append", help="a text to start the markers from (repeatable; "
+                    "default: --init --- --init ' \u2014')")
+    ap.add_argument("--windows", type=int, default=12, help="held-out windows (eval.sequences)")
+    ap.add_argument("--seq_len", type=int, default=64)
+    ap.add_argument("--no_pack", action="store_true", help="documents' first seq_len tokens (data.pack false)")
+    ap.add_argument("--thought_len", type=int, default=8)
+    ap.add_argument("--talk_len", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="thought_init_probe.json")
+    argv, joined = list(sys.argv[1:] if argv is None else argv), []
+    while argv:                                 # "--init ---": a value that starts with "-"
+        a = argv.pop(0)
+        joined.append(f"--init={argv.pop(0)}" if a == "--init" and argv else a)
+    args = ap.parse_args(joined)
+    args.init = args.init or ["---", " \u2014"]
+    try:
+        cfg = ThoughtConfig(n_thoughts=1, temperature=args.temperature, thought_len=args.thought_len,
+                            talk_len=args.talk_len)
+        d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack)
+        loaded = load_model(args.model)
+        tok = loaded.tokenizer
+        for text in args.init:
+            if not tok.encode(text, add_special_tokens=False):
+                raise ConfigError(f"--init {text!r}: the tokenizer encodes it to no tokens")
+        ids, mask = heldout_sequences(tok, d, EvalConfig(sequences=args.windows))
+    except (ConfigError, DataError) as e:
+        print(f"thought_init_probe: error: {e}", file=sys.stderr)
+        return 2
+    if ids.shape[0] < 2:
+        print(f"thought_init_probe: error: --data {args.data} gives {ids.shape[0]} held-out window(s); "
+              "the content check needs 2", file=sys.stderr)
+        return 2
+    results = []
+    for text in args.init:
+        first = set_markers(loaded.model, tok, text)
+        t0 = time.perf_counter()
+        print(f"[probe] init {text!r}: {ids.shape[0]} windows x 3 rollouts ...", file=sys.stderr, flush=True)
+        r = probe(loaded.model, tok, ids, mask, cfg, args.seed)
+        r.pop("thoughts")
+        r.update(init=text, token=tok.decode([first]), seconds=time.perf_counter() - t0)
+        results.append(r)
+        lo, hi = r["content_ci95"]
+        print(f"init {text!r} (token {r['token']!r}): thoughts opening with a newline {r['newline']:.2f}; "
+              f"next-token NLL base {r['nll_base']:.3f}, reader with its own thought {r['nll_reader_own']:.3f}, "
+              f"another window's {r['nll_reader_other']:.3f}, the true continuation {r['nll_reader_true']:.3f}; "
+              f"content {r['content']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}; {r['seconds']:.0f} s)", flush=True)
+        for ex in r["examples"]:
+            print(f"    {ex['context']!r} -> {ex['thought']!r}")
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "data": args.data, "settings": vars(args), "results": results}, f, indent=1)
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
