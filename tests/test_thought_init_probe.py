@@ -79,6 +79,14 @@ def test_cli_runs_on_a_local_corpus_and_refuses_an_empty_init(tmp_path):
     got = json.loads(out.read_text())["results"]
     assert [r["init"] for r in got] == ["---", " \u2014"] and all(r["windows"] == 3 for r in got)
     assert got[0]["nll_base"] == got[1]["nll_base"]          # the markers never touch the base prediction
+    # the markers as loaded: an untrained model's are the default "---" ones
+    res = subprocess.run(base + ["--out", str(out), "--keep_markers"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kept = json.loads(out.read_text())["results"]
+    assert len(kept) == 1 and kept[0]["init"] is None
+    assert {k: kept[0][k] for k in ("nll_reader_own", "nll_reader_other", "nll_reader_true", "content")} == \
+        {k: got[0][k] for k in ("nll_reader_own", "nll_reader_other", "nll_reader_true", "content")}
     res = subprocess.run(base + ["--out", str(out), "--init", ""], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr

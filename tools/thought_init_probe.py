@@ -18,6 +18,10 @@ K-token window fits, and
             reader, the effect the content check of a trained run looks for
 
 All on the same positions and windows; prints one line per init and writes JSON (--out).
+--keep_markers instead probes the model as loaded, e.g. a trained checkpoint
+(`--model RUN/checkpoints/step_00000030 --keep_markers --data_seed S`, S the run's data.seed, so
+that its windows are ones the run never trained on): has training taught the state after a
+thought to use what the thought says?
 """
 from __future__ import annotations
 
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thought_len", type=int, default=8)
     ap.add_argument("--talk_len", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--keep_markers", action="store_true", help="probe the markers as loaded (a trained model)")
+    ap.add_argument("--data_seed", type=int, default=0, help="data.seed: which documents are held out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="thought_init_probe.json")
     argv, joined = list(sys.argv[1:] if argv is None else argv), []
@@ -101,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         a = argv.pop(0)
         joined.append(f"--init={argv.pop(0)}" if a == "--init" and argv else a)
     args = ap.parse_args(joined)
-    args.init = args.init or ["---", " \u2014"]
+    if args.keep_markers and args.init:
+        ap.error("--keep_markers probes the markers as loaded; drop --init")
+    args.init = [None] if args.keep_markers else (args.init or ["---", " \u2014"])
     try:
         cfg = ThoughtConfig(n_thoughts=1, temperature=args.temperature, thought_len=args.thought_len,
                             talk_len=args.talk_len)
-        d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack)
+        d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack, seed=args.data_seed)
         loaded = load_model(args.model)
         tok = loaded.tokenizer
         for text in args.init:
-            if not tok.encode(text, add_special_tokens=False):
+            if text is not None and not tok.encode(text, add_special_tokens=False):
                 raise ConfigError(f"--init {text!r}: the tokenizer encodes it to no tokens")
         ids, mask = heldout_sequences(tok, d, EvalConfig(sequences=args.windows))
     except (ConfigError, DataError) as e:
@@ -121,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for text in args.init:
-        first = set_markers(loaded.model, tok, text)
+        first = None if text is None else set_markers(loaded.model, tok, text)
         t0 = time.perf_counter()
-        print(f"[probe] init {text!r}: {ids.shape[0]} windows x 3 rollouts ...", file=sys.stderr, flush=True)
+        print(f"[probe] {'markers as loaded' if text is None else repr(text)}: {ids.shape[0]} windows x 3 rollouts ...", file=sys.stderr, flush=True)
         r = probe(loaded.model, tok, ids, mask, cfg, args.seed)
         r.pop("thoughts")
-        r.update(init=text, token=tok.decode([first]), seconds=time.perf_counter() - t0)
+        r.update(init=text, token=None if first is None else tok.decode([first]), seconds=time.perf_counter() - t0)
         results.append(r)
         lo, hi = r["content_ci95"]
-        print(f"init {text!r} (token {r['token']!r}): thoughts opening with a newline {r['newline']:.2f}; "
+        what = f"markers as loaded ({loaded.source})" if text is None else f"init {text!r} (token {r['token']!r})"
+        print(f"{what}: thoughts opening with a newline {r['newline']:.2f}; "
               f"next-token NLL base {r['nll_base']:.3f}, reader with its own thought {r['nll_reader_own']:.3f}, "
               f"another window's {r['nll_reader_other']:.3f}, the true continuation {r['nll_reader_true']:.3f}; "
               f"content {r['content']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}; {r['seconds']:.0f} s)", flush=True)
