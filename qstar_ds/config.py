@@ -21,6 +21,7 @@ def _require(cond: bool, key: str, value, why: str) -> None:
 
 MODES = ("quiet_star", "filler", "off")
 REWARDS = ("mixed", "read")
+TALK_POSITIONS = ("after_thought", "resume")
 MIN_TEMPERATURE = 1e-6
 
 
@@ -51,6 +52,12 @@ class ThoughtConfig:
     trains over the steps, and a step's thought work (rollout, learn streams, REINFORCE) is
     k / (n - K) of thinking everywhere, so longer sequences cost what short ones did. Held-out
     evaluation always thinks after every position."""
+    talk_positions: str = "after_thought"
+    """Position ids of the talk part of a stream (<eot>, x_{i+1} .. x_{i+K-1}). after_thought:
+    right after the thought, as in the plain text x_<=i <sot> thought <eot> x_{i+1} (the paper).
+    resume: where the text would have gone on without the thought (<eot> at x_i's position + 1,
+    x_{i+j} at + 1 + j; the thought keeps its positions). Measured on untrained SmolLM2-135M, a
+    correct thought helps the state after it only with resume (README, "Does it learn?")."""
     temperature: float = 1.0
     """Sampling temperature of thought tokens (> 0)."""
     top_k: int = 0
@@ -121,6 +128,8 @@ class ThoughtConfig:
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
+        _require(self.talk_positions in TALK_POSITIONS, "talk_positions", self.talk_positions,
+                 f"must be one of {list(TALK_POSITIONS)}")
         from .attention import BACKENDS
         _require(self.attention_backend in BACKENDS or self.attention_backend == "auto", "attention_backend",
                  self.attention_backend, f"must be one of {sorted(BACKENDS) + ['auto']}")
@@ -129,6 +138,11 @@ class ThoughtConfig:
     def stream_len(self) -> int:
         """Tokens of one stream in the learn pass: <sot>, t thought tokens, <eot>, K-1 talk inputs."""
         return self.thought_len + self.talk_len + 1
+
+    @property
+    def talk_at(self) -> int | None:
+        """Layout.talk_at of this setting: None, or the stream index of <eot> (resume)."""
+        return None if self.talk_positions == "after_thought" else self.thought_len + 1
 
     @property
     def policy_temperature(self) -> float:

@@ -119,7 +119,7 @@ def think(model, cfg: ThoughtConfig, cache, base_valid: torch.Tensor, anchor: to
     hidden state at <eot> (B, M, H); the cache is cropped back to the n base keys."""
     B, n = base_valid.shape
     M, t = anchor.shape[1], cfg.thought_len
-    layout = Layout.base_only(base_valid, cfg.attention_backend).with_streams(anchor)
+    layout = Layout.base_only(base_valid, cfg.attention_backend).with_streams(anchor, cfg.talk_at)
     try:
         thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator)   # (B, M, t)
         last = torch.stack([thoughts[..., -1], torch.full_like(thoughts[..., -1], model.eot_id)], -1)

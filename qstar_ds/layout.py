@@ -23,6 +23,9 @@ Position ids (RoPE): base token i sits at p(i) = (#valid tokens before i); strea
 stream anchored at i sits at p(i) + 1 + s. That is exactly the position the token would have in
 the plain sequence x_<=i, <sot>, c_1, ..., so the packed pass reproduces that plain sequence
 (the reference's rule: thought token s after position i at i+s, with <sot> as s=1).
+With `talk_at` = k (thought.talk_positions=resume, k = t + 1, the index of <eot>), stream tokens
+s >= k sit at p(i) + 1 + (s - k) instead: the talk part (<eot>, x_{i+1}, ...) takes the positions
+the text would have had without the thought, as if <eot> were one pause token after x_i.
 """
 from __future__ import annotations
 
@@ -81,6 +84,9 @@ class Layout:
     """(Sk,) long: like q_idx, for keys."""
     backend: str = "dense"
     """Name of the attention backend that computes this layout (see attention.py)."""
+    talk_at: int | None = None
+    """None: stream tokens sit one position after another (the paper). k: stream tokens from
+    index k on restart at the anchor's next position (see the module docstring)."""
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- constructors -------------------------------------------------------------------
@@ -103,7 +109,7 @@ class Layout:
 
     @classmethod
     def packed(cls, base_valid: torch.Tensor, anchor: torch.Tensor, stream_len: int,
-               backend: str = "dense") -> "Layout":
+               backend: str = "dense", talk_at: int | None = None) -> "Layout":
         """Base tokens, then each of the M streams (stream_len tokens) contiguously.
         Sequence length S = n + M * stream_len; queries == keys."""
         B, n = base_valid.shape
@@ -112,7 +118,7 @@ class Layout:
         s_st, s_idx = cls._stream_tags(M, 0, stream_len, dev)
         tag_s = torch.cat([torch.full((n,), BASE, dtype=torch.long, device=dev), s_st])
         tag_i = torch.cat([torch.arange(n, device=dev), s_idx])
-        return cls(base_valid, anchor, tag_s, tag_i, tag_s, tag_i, backend)
+        return cls(base_valid, anchor, tag_s, tag_i, tag_s, tag_i, backend, talk_at)
 
     def extend(self, start: int, length: int) -> "Layout":
         """Layout of the next KV-cached step: `length` new tokens (idx start..start+length-1)
@@ -120,12 +126,13 @@ class Layout:
         M = self.anchor.shape[1]
         q_s, q_i = self._stream_tags(M, start, length, self.anchor.device)
         return Layout(self.base_valid, self.anchor, q_s, q_i,
-                      torch.cat([self.k_stream, q_s]), torch.cat([self.k_idx, q_i]), self.backend)
+                      torch.cat([self.k_stream, q_s]), torch.cat([self.k_idx, q_i]), self.backend,
+                      self.talk_at)
 
-    def with_streams(self, anchor: torch.Tensor) -> "Layout":
+    def with_streams(self, anchor: torch.Tensor, talk_at: int | None = None) -> "Layout":
         """The same keys with a set of stream anchors attached (used after a base-only prefill)."""
         return Layout(self.base_valid, anchor, self.q_stream, self.q_idx, self.k_stream, self.k_idx,
-                      self.backend)
+                      self.backend, talk_at)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -141,7 +148,9 @@ class Layout:
             return base_part
         st = self.q_stream.clamp(min=0)
         anchor_pos = pos.gather(1, self.anchor)                                # (B, M)
-        stream_part = anchor_pos[:, st] + 1 + self.q_idx                       # (B, Sq)
+        s = self.q_idx if self.talk_at is None else \
+            torch.where(self.q_idx >= self.talk_at, self.q_idx - self.talk_at, self.q_idx)
+        stream_part = anchor_pos[:, st] + 1 + s                                # (B, Sq)
         return torch.where(is_base, base_part, stream_part)
 
     def query_anchor(self) -> torch.Tensor:

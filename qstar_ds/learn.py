@@ -92,7 +92,7 @@ def learn_pass(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mas
     M, t, K = anchor.shape[1], thoughts.shape[-1], cfg.talk_len
     base_valid = attention_mask.bool()
     L = t + K + 1
-    layout = Layout.packed(base_valid, anchor, L, backend=cfg.attention_backend)
+    layout = Layout.packed(base_valid, anchor, L, backend=cfg.attention_backend, talk_at=cfg.talk_at)
     ids = torch.cat([input_ids, stream_ids(input_ids, anchor, thoughts, model.sot_id, model.eot_id, K)
                      .flatten(1)], dim=1)                                      # (B, n + M*L)
     h = model.hidden(ids, layout)                                              # (B, S, H)

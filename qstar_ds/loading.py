@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ThoughtConfig
+from .config import TALK_POSITIONS, ThoughtConfig
 from .checkpoint import CKPT_SUBDIR, COMPLETE, META, read_meta, resolve_resume
 from .model import META_FILE, QuietStarModel, ThoughtTokens, load_tokenizer
 from .safe_load import weights_only_loading
@@ -39,6 +39,8 @@ class Loaded:
     that token repeated, not sampled), else None."""
     run_config: dict | None = None
     """The training run's config (nested dict) when loaded from a trainer checkpoint, else None."""
+    talk_positions: str = "after_thought"
+    """The thought.talk_positions the model was trained with (after_thought when unknown)."""
 
 
 def is_checkpoint(path: str) -> bool:
@@ -81,18 +83,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     """Load `spec` (see the module docstring) in eval mode on `device`."""
     from .hub import build_base
 
-    thought_len, filler_id, run_config = 8, None, None
+    thought_len, filler_id, run_config, talk_positions = 8, None, None, "after_thought"
     if os.path.isfile(os.path.join(spec, META_FILE)):
         model = QuietStarModel.from_pretrained(spec, dtype=dtype)
         tok = load_tokenizer(spec)
         with open(os.path.join(spec, META_FILE)) as f:
             qs_meta = json.load(f)
         thought_len, filler_id = qs_meta.get("thought_len", thought_len), qs_meta.get("filler_id")
+        talk_positions = qs_meta.get("talk_positions", talk_positions)
         source = f"QuietStarModel directory {spec}"
     elif os.path.isdir(spec) and is_checkpoint(spec):
         model, tok, meta, path = model_from_checkpoint(spec)
         thought_len = meta["signature"].get("thought_len", thought_len)
         filler_id, run_config = trained_filler_id(meta, tok), meta.get("config")
+        talk_positions = (run_config or {}).get("thought", {}).get("talk_positions", talk_positions)
         source = f"DeepSpeed checkpoint {path} (step {meta.get('step')})"
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, META)):
         raise FileNotFoundError(f"{spec} is an incomplete checkpoint (no {COMPLETE} marker)")
@@ -103,7 +107,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()
-    return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id, run_config)
+    return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id, run_config,
+                  str(talk_positions))
 
 
 def trained_filler_id(meta: dict, tokenizer) -> int | None:
@@ -125,6 +130,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--attention_backend", default="auto", choices=["auto", "dense", "split", "flex"],
                     help="auto: split (see qstar_ds.attention.AUTO_NOTE)")
     ap.add_argument("--thought_len", type=int, default=None, help="default: the model's training value or 8")
+    ap.add_argument("--talk_positions", default=None, choices=list(TALK_POSITIONS),
+                    help="thought.talk_positions; default: the model's training value or after_thought")
 
 
 def check_model_arg(args: argparse.Namespace) -> None:
@@ -134,10 +141,12 @@ def check_model_arg(args: argparse.Namespace) -> None:
 
 
 def thought_config(loaded: Loaded, args: argparse.Namespace, **fields) -> ThoughtConfig:
-    """The thought settings of an inference command: the model's own thought length unless
-    --thought_len says otherwise, the resolved --attention_backend, and `fields`."""
+    """The thought settings of an inference command: the model's own thought length and talk
+    positions unless --thought_len / --talk_positions say otherwise, the resolved
+    --attention_backend, and `fields`."""
     t = loaded.thought_len if args.thought_len is None else args.thought_len
-    return ThoughtConfig(thought_len=t, attention_backend=args.attention_backend, **fields)
+    tp = getattr(args, "talk_positions", None) or loaded.talk_positions
+    return ThoughtConfig(thought_len=t, attention_backend=args.attention_backend, talk_positions=tp, **fields)
 
 
 def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loaded:

@@ -5,7 +5,9 @@ For every (row, stream) it builds the plain sequence
     x_1 .. x_i, <sot>, c_1 .. c_t, <eot>, x_{i+1} .. x_{i+K-1}        (padding removed)
 
 and runs the unmodified HF backbone on it with an ordinary causal mask (attention implementation
-`sdpa` or `eager`, HF's own masks and default position ids), one sequence at a time, and mixes
+`sdpa` or `eager`, HF's own masks; position ids 0, 1, 2, ... in that order, except that with
+thought.talk_positions=resume <eot> and the talk inputs count again from x_i's position + 1),
+one sequence at a time, and mixes
 with the base model's state from a separate plain run on x. Embedding lookup, the mixing MLP, the
 output projection and every loss are written out here without the packed-pass helpers.
 """
@@ -85,7 +87,11 @@ def reference_pass(qmodel, cfg: ThoughtConfig, input_ids: torch.Tensor, attentio
                 j = real.index(i)
                 c = [int(v) for v in thoughts[b, m]]
                 seq = xs[:j + 1] + [qmodel.sot_id] + c + [qmodel.eot_id] + xs[j + 1:j + K]
-                h = backbone(inputs_embeds=_embed(qmodel, seq)).last_hidden_state[0]
+                pos = list(range(j + 1 + 1 + t))                      # x_<=i, <sot>, c_1 .. c_t
+                talk_start = j + 1 if cfg.talk_positions == "resume" else len(pos)
+                pos += list(range(talk_start, talk_start + K))        # <eot>, x_{i+1} .. x_{i+K-1}
+                h = backbone(inputs_embeds=_embed(qmodel, seq),
+                             position_ids=torch.tensor([pos])).last_hidden_state[0]
                 # h[j+1+s] is <sot> (s = 0) or c_s and predicts c_{s+1}
                 th = torch.stack([_logprob(qmodel, h[j + 1 + s], c[s], cfg.policy_temperature)
                                   for s in range(t)])

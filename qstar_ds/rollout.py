@@ -185,7 +185,7 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     cache = new_cache()
     layout = Layout.base_only(base_valid, backend=cfg.attention_backend)
     h_base = model.hidden(input_ids, layout, cache)                           # (B, n, H) prefill
-    layout = layout.with_streams(anchor)
+    layout = layout.with_streams(anchor, cfg.talk_at)
 
     fixed = thoughts
     thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed)  # (B, M, t)

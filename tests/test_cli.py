@@ -61,6 +61,7 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),
+    (["--thought.talk_positions", "before"], "thought.talk_positions='before': must be one of ['after_thought', 'resume']"),
     (["--no.such_key", "1"], "unknown config key 'no.such_key'"),
     (["--preset", "gpt5"], "preset='gpt5': unknown"),
     (["--ds_config", "missing.json"], "ds_config='missing.json': no such file"),
@@ -155,7 +156,8 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
 
 def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
     out = tmp_path / "out"
-    base = ["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "2"]
+    base = ["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "2",
+            "--thought.talk_positions", "resume"]
     res = run_single(base)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -195,6 +197,8 @@ def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
         results.append(json.loads(dst.read_text()))
     assert "DeepSpeed checkpoint" in results[0]["model"] and "step 2" in results[0]["model"]
     assert results[0]["thought_config"]["thought_len"] == results[1]["thought_config"]["thought_len"] == 2
+    # the trained talk positions travel with the checkpoint and the export
+    assert results[0]["thought_config"]["talk_positions"] == results[1]["thought_config"]["talk_positions"] == "resume"
     assert results[0]["items"] == results[1]["items"]
 
 

@@ -25,11 +25,12 @@ SHAPES = [  # (n, r, thought_len, K)
 
 
 def run_both(arch, n, r, t, K, dtype=torch.float64, pad="both", attn="sdpa", tie=False, clip=True,
-             seed=0, reinforce_temperature=None, w_read=0.0, reward="mixed"):
+             seed=0, reinforce_temperature=None, w_read=0.0, reward="mixed", talk_positions="after_thought"):
     model, tok = make_model(arch, dtype=dtype, seed=seed, tie=tie)
     cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.7, w_talk=0.4, w_base=0.6,
                         temperature=1.3, clip_negative_rewards=clip,
-                        reinforce_temperature=reinforce_temperature, w_read=w_read, reward=reward)
+                        reinforce_temperature=reinforce_temperature, w_read=w_read, reward=reward,
+                        talk_positions=talk_positions)
     B = 2
     x, am = random_batch(n, B, len(tok) - 2, pad, seed)
     # every position, including those whose talk window runs past the end or into padding
@@ -124,3 +125,15 @@ def test_read_loss_and_rewards_from_the_thought_alone(arch):
     _, plain, g_plain, _, _ = run_both(arch, 8, 2, 2, 3)
     assert plain.read_logp is None and plain.losses["read"] == 0
     assert any((g_plain[k] - g_out[k]).abs().max() > 1e-6 for k in g_out), "w_read must change the gradient"
+
+
+@pytest.mark.parametrize("arch,pad", [("llama", "both"), ("qwen2", "left"), ("mistral", "right")])
+def test_resume_talk_positions_equal_reference(arch, pad):
+    """thought.talk_positions=resume: <eot> and the talk inputs take the positions the text would
+    have had without the thought (the reference passes those position ids explicitly)."""
+    _, out, g_out, ref, g_ref = run_both(arch, 8, 2, 3, 3, pad=pad, w_read=0.5, talk_positions="resume")
+    assert_equal_to_reference(out, g_out, ref, g_ref, rtol=1e-5)
+    _, plain, _, _, _ = run_both(arch, 8, 2, 3, 3, pad=pad, w_read=0.5)
+    v = out.valid
+    assert (plain.talk_logp[v] - out.talk_logp[v]).abs().max() > 1e-4, "the positions must change the talk"
+    torch.testing.assert_close(plain.thought_logp, out.thought_logp, rtol=0, atol=1e-12)   # thoughts keep theirs

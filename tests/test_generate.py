@@ -20,17 +20,20 @@ def prompts(tok):
     return left_pad(tok, texts, DEVICE)
 
 
-def reference_logprobs(model, prefix: list[int], thought: list[int] | None) -> torch.Tensor:
+def reference_logprobs(model, prefix: list[int], thought: list[int] | None, resume: bool = False) -> torch.Tensor:
     """(V,) next-token log-probs after `prefix` from plain HF passes, one sequence each: the base
     state of the last token, the state at <eot> of prefix + <sot> thought <eot>, mixed by the
-    written-out mixing MLP; markers masked."""
+    written-out mixing MLP; markers masked. `resume`: <eot> at position len(prefix), right after
+    the prefix (thought.talk_positions=resume)."""
     backbone = model.base.base_model
     with attn_implementation(model.base, "sdpa"):
         hb = backbone(inputs_embeds=_embed(model, prefix)).last_hidden_state[0, -1]
         h = hb
         if thought is not None:
             seq = prefix + [model.sot_id] + thought + [model.eot_id]
-            ht = backbone(inputs_embeds=_embed(model, seq)).last_hidden_state[0, -1]
+            pos = list(range(len(seq) - 1)) + [len(prefix) if resume else len(seq) - 1]
+            ht = backbone(inputs_embeds=_embed(model, seq),
+                          position_ids=torch.tensor([pos], device=DEVICE)).last_hidden_state[0, -1]
             w = _mix_weight(model, hb, ht)
             h = (1 - w) * hb + w * ht
     z = h @ model.lm_head.weight.T
@@ -38,12 +41,14 @@ def reference_logprobs(model, prefix: list[int], thought: list[int] | None) -> t
     return torch.log_softmax(z.double(), -1)
 
 
-@pytest.mark.parametrize("arch,backend", [("llama", "dense"), ("llama", "split"), ("qwen2", "split"),
-                                          ("mistral", "dense")])
-def test_generation_distribution_equals_reference_and_learn_pass(arch, backend):
+@pytest.mark.parametrize("arch,backend,talk_positions", [
+    ("llama", "dense", "after_thought"), ("llama", "split", "after_thought"), ("qwen2", "split", "after_thought"),
+    ("mistral", "dense", "after_thought"), ("llama", "split", "resume")])
+def test_generation_distribution_equals_reference_and_learn_pass(arch, backend, talk_positions):
     model, tok = make_model(arch, dtype=torch.float64)
     t, T = 3, 5
-    cfg = ThoughtConfig(thought_len=t, n_thoughts=1, talk_len=1, attention_backend=backend)
+    cfg = ThoughtConfig(thought_len=t, n_thoughts=1, talk_len=1, attention_backend=backend,
+                        talk_positions=talk_positions)
     ids, am = prompts(tok)
     g = generate(model, ids, am, cfg, GenerateConfig(max_new_tokens=T, temperature=1.0), generator=gen(3),
                  return_scores=True)
@@ -53,7 +58,7 @@ def test_generation_distribution_equals_reference_and_learn_pass(arch, backend):
         prompt = ids[b][am[b].bool()].tolist()
         for j in range(T):
             prefix = prompt + g.tokens[b, :j].tolist()
-            ref = reference_logprobs(model, prefix, g.thoughts[b, j].tolist())
+            ref = reference_logprobs(model, prefix, g.thoughts[b, j].tolist(), talk_positions == "resume")
             finite = torch.isfinite(ref)
             assert_equal(finite, torch.isfinite(g.scores[b, j]), "finite")
             torch.testing.assert_close(g.scores[b, j][finite].double(), ref[finite], rtol=0, atol=1e-8)

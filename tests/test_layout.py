@@ -54,6 +54,29 @@ def test_position_ids_follow_plain_sequence():
     assert pos[1].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5]
 
 
+def test_talk_at_restarts_the_talk_part_after_the_anchor():
+    """talk_at = k: stream tokens from index k on sit at p(anchor) + 1 + (s - k); the packed
+    layout and the step-by-step (rollout) layout agree token by token."""
+    valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    anchor = torch.tensor([[3], [1]])
+    lay = Layout.packed(valid, anchor, stream_len=6, talk_at=3)     # <sot> c1 c2 <eot> x x
+    pos = lay.position_ids()
+    # row 0: anchor at position 1 -> <sot> c1 c2 at 2, 3, 4, then <eot> x x at 2, 3, 4
+    assert pos[0].tolist() == [0, 0, 0, 1, 2, 2, 3, 4, 2, 3, 4]
+    assert pos[1].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 4]
+    plain = Layout.packed(valid, anchor, stream_len=6).position_ids()
+    assert plain[0, 5:].tolist() == [2, 3, 4, 5, 6, 7]
+    steps = Layout.base_only(valid).with_streams(anchor, talk_at=3)
+    got = {}
+    for s, m in [(0, 1), (1, 1), (2, 4)]:
+        steps = steps.extend(s, m)
+        for q, (st, i) in enumerate(zip(steps.q_stream.tolist(), steps.q_idx.tolist())):
+            got[(st, i)] = steps.position_ids()[:, q].tolist()
+    want = {(st, i): pos[:, q].tolist() for q, (st, i) in enumerate(zip(lay.q_stream.tolist(), lay.q_idx.tolist()))
+            if st != BASE}
+    assert got == want
+
+
 def test_additive_mask_is_zero_or_min():
     valid = torch.ones(1, 4, dtype=torch.bool)
     lay = Layout.packed(valid, torch.tensor([[1]]), stream_len=2)

@@ -18,10 +18,11 @@ def cfg_for(**kw):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("t,K,r", [(3, 2, 2), (1, 1, 3), (2, 3, 1)])
-def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r):
+@pytest.mark.parametrize("t,K,r,talk_positions", [(3, 2, 2, "after_thought"), (1, 1, 3, "after_thought"),
+                                                  (2, 3, 1, "after_thought"), (3, 3, 2, "resume")])
+def test_rollout_talk_and_rewards_equal_learn_pass(arch, t, K, r, talk_positions):
     model, tok = make_model(arch, dtype=torch.float64)
-    cfg = cfg_for(thought_len=t, talk_len=K, n_thoughts=r)
+    cfg = cfg_for(thought_len=t, talk_len=K, n_thoughts=r, talk_positions=talk_positions)
     x, am = random_batch(9, 2, len(tok) - 2, "both")
     ro = rollout(model, cfg, x, am, positions=torch.arange(9, device=DEVICE), generator=gen(1))
     assert ro.thoughts.shape == (2, 9 * r, t) and ro.anchor.shape == (2, 9 * r)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import ROOT
@@ -16,16 +17,19 @@ from qstar_ds.config import ThoughtConfig  # noqa: E402
 from qstar_ds.loading import load_model  # noqa: E402
 
 
-def plain_logp(model, seq: list[int], target: int) -> float:
+def plain_logp(model, seq: list[int], target: int, last_pos: int | None = None) -> float:
     """log p(target | seq) from one ordinary causal forward (markers' learned vectors on input,
-    their logits masked, as everywhere in the model)."""
+    their logits masked, as everywhere in the model); `last_pos`: the last token's position id
+    (default: its index)."""
     ids = torch.tensor([seq])
-    logits = model.base(inputs_embeds=model.embed(ids)).logits[0, -1].double()
+    pos = list(range(len(seq) - 1)) + [len(seq) - 1 if last_pos is None else last_pos]
+    logits = model.base(inputs_embeds=model.embed(ids), position_ids=torch.tensor([pos])).logits[0, -1].double()
     logits[[model.sot_id, model.eot_id]] = float("-inf")
     return float(logits.log_softmax(-1)[target])
 
 
-def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards():
+@pytest.mark.parametrize("talk_positions", ["after_thought", "resume"])
+def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards(talk_positions):
     loaded = load_model("tiny-llama")
     model, tok = loaded.model, loaded.tokenizer
     first = set_markers(model, tok, " \u2014")
@@ -34,7 +38,7 @@ def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards():
     D, n, t, K = 3, 12, 3, 2
     ids = torch.randint(5, len(tok) - 2, (D, n), generator=g)
     mask = torch.ones_like(ids)
-    cfg = ThoughtConfig(n_thoughts=1, temperature=1.0, thought_len=t, talk_len=K)
+    cfg = ThoughtConfig(n_thoughts=1, temperature=1.0, thought_len=t, talk_len=K, talk_positions=talk_positions)
     r = probe(model, tok, ids, mask, cfg, seed=0)
     th = r["thoughts"]
     P = n - K
@@ -55,7 +59,8 @@ def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards():
                 rows["nll_base"].append(-plain_logp(model, prefix, target))
                 for k in ("own", "other", "true"):
                     seq = prefix + [model.sot_id] + th[k][d, p].tolist() + [model.eot_id]
-                    rows[f"nll_reader_{k}"].append(-plain_logp(model, seq, target))
+                    eot_pos = p + 1 if talk_positions == "resume" else None    # resume: <eot> right after x_p
+                    rows[f"nll_reader_{k}"].append(-plain_logp(model, seq, target, eot_pos))
             for k, v in rows.items():
                 expect[k].append(sum(v) / len(v))
     for k, v in expect.items():

@@ -55,8 +55,9 @@ def reference_run(init: dict, overrides: dict) -> dict:
 
 
 def test_two_ranks_zero3_equal_one_process_reference(tmp_path):
-    two = run_worker(tmp_path, "two", 2, {"model.thought_init": " \u2014"})
-    ref, out = reference_run(two["init"], {})
+    # with the non-default marker init and talk positions (the defaults run in every other test)
+    two = run_worker(tmp_path, "two", 2, {"model.thought_init": " \u2014", "thought.talk_positions": "resume"})
+    ref, out = reference_run(two["init"], {"thought.talk_positions": "resume"})
     assert out.losses["reinforce"].abs() > 0, "step 2 must carry a REINFORCE gradient"
     # model.thought_init reached both markers: each starts as the embedding of the first token of " \u2014"
     tok = build_base("tiny-llama", torch.float32, None, 0)[1]

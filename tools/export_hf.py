@@ -23,7 +23,9 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
     model.to(getattr(torch, dtype or "float32"))
     sig = meta["signature"]
     filler = trained_filler_id(meta, tok)
+    talk_positions = meta.get("config", {}).get("thought", {}).get("talk_positions", "after_thought")
     model.save_pretrained(out_dir, tokenizer=tok, extra={k: sig[k] for k in ("thought_len", "talk_len") if k in sig}
+                          | {"talk_positions": talk_positions}
                           | {"step": meta.get("step")} | ({"filler_id": filler} if filler is not None else {}))
     return out_dir
 

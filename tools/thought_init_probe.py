@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thought_len", type=int, default=8)
     ap.add_argument("--talk_len", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--talk_positions", default=None, choices=["after_thought", "resume"],
+                    help="thought.talk_positions (default: the model's training value, after_thought for a base model)")
     ap.add_argument("--keep_markers", action="store_true", help="probe the markers as loaded (a trained model)")
     ap.add_argument("--data_seed", type=int, default=0, help="data.seed: which documents are held out")
     ap.add_argument("--seed", type=int, default=0)
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--keep_markers probes the markers as loaded; drop --init")
     args.init = [None] if args.keep_markers else (args.init or ["---", " \u2014"])
     try:
-        cfg = ThoughtConfig(n_thoughts=1, temperature=args.temperature, thought_len=args.thought_len,
-                            talk_len=args.talk_len)
         d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack, seed=args.data_seed)
         loaded = load_model(args.model)
+        cfg = ThoughtConfig(n_thoughts=1, temperature=args.temperature, thought_len=args.thought_len,
+                            talk_len=args.talk_len, talk_positions=args.talk_positions or loaded.talk_positions)
         tok = loaded.tokenizer
         for text in args.init:
             if text is not None and not tok.encode(text, add_special_tokens=False):
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         for ex in r["examples"]:
             print(f"    {ex['context']!r} -> {ex['thought']!r}")
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "data": args.data, "settings": vars(args), "results": results}, f, indent=1)
+        json.dump({"model": args.model, "data": args.data, "settings": {**vars(args), "talk_positions": cfg.talk_positions},
+                   "results": results}, f, indent=1)
     print(f"written {args.out}")
     return 0
 
