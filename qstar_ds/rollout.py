@@ -41,6 +41,9 @@ class Rollout:
     read_logp: torch.Tensor | None = None
     """(B, M, K) log-probs of the talk targets from the post-thought states alone (only with
     thought.reward = read or read_logprobs=True)."""
+    thought_logp: torch.Tensor | None = None
+    """(B, M, t) log-probs of the thought tokens under the thought policy at temperature 1 (only
+    with thought_logprobs_too=True): how likely the model is to think a fed thought."""
 
 
 def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
@@ -144,11 +147,12 @@ def new_cache():
 
 
 def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
-                    generator: torch.Generator | None, fixed: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, Layout]:
+                    generator: torch.Generator | None, fixed: torch.Tensor | None = None,
+                    logprobs: list | None = None) -> tuple[torch.Tensor, Layout]:
     """Feed <sot>, c_1 .. c_{t-1} to every stream of `layout` (streams attached, nothing of them
     cached yet), one KV-cached step per token, sampling c_1 .. c_t (or teacher-forcing `fixed`
-    (B, M, t), e.g. filler thoughts). -> (thoughts (B, M, t), the layout after the t steps)."""
+    (B, M, t), e.g. filler thoughts). -> (thoughts (B, M, t), the layout after the t steps).
+    `logprobs`: a list that receives each step's (B, M) log-probs of c_s at temperature 1."""
     B, M = layout.anchor.shape
     tok = layout.anchor.new_full((B, M), model.sot_id)
     thoughts = []
@@ -156,8 +160,10 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
         layout = layout.extend(s, 1)
         h = model.hidden(tok, layout, cache)                                   # (B, M, H)
         noise = generator.at(layout.anchor, cfg.n_thoughts, s) if isinstance(generator, Noise) else generator
-        tok = fixed[..., s] if fixed is not None else \
-            sample_tokens(model.logits(h), cfg.temperature, cfg.top_k, noise)
+        logits = model.logits(h) if fixed is None or logprobs is not None else None  # (B, M, V)
+        tok = fixed[..., s] if fixed is not None else sample_tokens(logits, cfg.temperature, cfg.top_k, noise)
+        if logprobs is not None:
+            logprobs.append(logits.float().log_softmax(-1).gather(-1, tok[..., None])[..., 0])
         thoughts.append(tok)
     return torch.stack(thoughts, dim=-1), layout
 
@@ -166,12 +172,13 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
 def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             positions: torch.Tensor | None = None, generator: torch.Generator | None = None,
             base_logprobs: bool = False, thoughts: torch.Tensor | None = None,
-            read_logprobs_too: bool = False) -> Rollout:
+            read_logprobs_too: bool = False, thought_logprobs_too: bool = False) -> Rollout:
     """input_ids, attention_mask (B, n); positions (P,) base indices to think after (default:
     all whose talk window fits). Returns thoughts and their talk log-probs and rewards, and with
     `base_logprobs` the base model's next-token log-probs from the same prefill. `thoughts`
     (B, M, t): feed these instead of sampling (filler thoughts). `read_logprobs_too`: also the
-    post-thought states' own log-probs of the talk targets (Rollout.read_logp)."""
+    post-thought states' own log-probs of the talk targets (Rollout.read_logp);
+    `thought_logprobs_too`: the thought tokens' log-probs under the policy (Rollout.thought_logp)."""
     B, n = input_ids.shape
     t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
     if positions is None:
@@ -188,7 +195,8 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     layout = layout.with_streams(anchor, cfg.talk_at)
 
     fixed = thoughts
-    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed)  # (B, M, t)
+    thought_logp = [] if thought_logprobs_too else None
+    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed, thought_logp)  # (B, M, t)
 
     # c_t, <eot>, x_{i+1} .. x_{i+K-1}: stream tokens t .. t+K in one step.
     last = torch.cat([thoughts[..., -1:], input_ids.new_full((B, M, 1), model.eot_id),
@@ -204,4 +212,5 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
     base_logp = None
     if base_logprobs:
         base_logp = model.token_logprobs(h_base[:, :-1], input_ids[:, 1:], 1.0, cfg.loss_chunk_tokens)
-    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid, base_logp, read_logp)
+    return Rollout(thoughts, anchor, talk_logp, mix_w, rewards, valid, base_logp, read_logp,
+                   torch.stack(thought_logp, dim=-1) if thought_logprobs_too else None)

@@ -38,7 +38,7 @@ def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards(talk
     D, n, t, K = 3, 12, 3, 2
     ids = torch.randint(5, len(tok) - 2, (D, n), generator=g)
     mask = torch.ones_like(ids)
-    cfg = ThoughtConfig(n_thoughts=1, temperature=1.0, thought_len=t, talk_len=K, talk_positions=talk_positions)
+    cfg = ThoughtConfig(n_thoughts=1, temperature=0.7, thought_len=t, talk_len=K, talk_positions=talk_positions)
     r = probe(model, tok, ids, mask, cfg, seed=0)
     th = r["thoughts"]
     P = n - K
@@ -50,13 +50,22 @@ def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards(talk
             want = ids[d, p + 1:p + 1 + t].tolist()
             assert th["true"][d, p].tolist() == want + [eos] * (t - len(want))
     # every reported NLL: the mean over windows of each window's mean over positions, from plain forwards
-    expect = {"nll_base": [], "nll_reader_own": [], "nll_reader_other": [], "nll_reader_true": []}
+    expect = {"nll_base": [], "nll_reader_own": [], "nll_reader_other": [], "nll_reader_true": [],
+              "policy_first": [], "policy_true": [], "hit_first": []}
     with torch.no_grad():
         for d in range(D):
             rows = {k: [] for k in expect}
             for p in range(P):
                 prefix, target = ids[d, :p + 1].tolist(), int(ids[d, p + 1])
                 rows["nll_base"].append(-plain_logp(model, prefix, target))
+                # the policy thinking the true continuation, token by token (the window's tokens only)
+                truth = ids[d, p + 1:p + 1 + t].tolist()
+                for j, c in enumerate(truth):
+                    nll = -plain_logp(model, prefix + [model.sot_id] + truth[:j], c)
+                    rows["policy_true"].append(nll)
+                    if j == 0:
+                        rows["policy_first"].append(nll)
+                rows["hit_first"].append(float(int(th["own"][d, p, 0]) == target))
                 for k in ("own", "other", "true"):
                     seq = prefix + [model.sot_id] + th[k][d, p].tolist() + [model.eot_id]
                     eot_pos = p + 1 if talk_positions == "resume" else None    # resume: <eot> right after x_p

@@ -16,6 +16,11 @@ K-token window fits, and
             thought ("true"; EOS-padded where the window ends first)
   content   reader other - own, 95% CI over windows: > 0 when the thought's content helps the
             reader, the effect the content check of a trained run looks for
+  policy    how likely the thought policy (temperature 1) is to think the true continuation:
+            NLL of x_{i+1} as the thought's first token (compare the base NLL) and per token of
+            the true next thought_len tokens (those inside the window); and the share of the
+            window's own thoughts that start with x_{i+1} ("hit"): what REINFORCE must raise
+            before a reader that copies could gain from a thought
 
 All on the same positions and windows; prints one line per init and writes JSON (--out).
 --keep_markers instead probes the model as loaded, e.g. a trained checkpoint
@@ -65,8 +70,8 @@ def probe(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, cfg: ThoughtC
                   read_logprobs_too=True)
     fed = {"other": own.thoughts.roll(1, dims=0),
            "true": true_thoughts(ids, positions, cfg.thought_len, tokenizer.eos_token_id)}
-    ros = {"own": own, **{k: rollout(model, cfg, ids, mask, positions, thoughts=v, read_logprobs_too=True)
-                          for k, v in fed.items()}}
+    ros = {"own": own, **{k: rollout(model, cfg, ids, mask, positions, thoughts=v, read_logprobs_too=True,
+                                     thought_logprobs_too=k == "true") for k, v in fed.items()}}
     valid = own.valid.bool()                                                     # (D, P)
     base = own.base_logp.gather(1, own.anchor)                                   # (D, P)
     out: dict = {"windows": int(ids.shape[0]), "positions": int(valid.sum()),
@@ -76,6 +81,11 @@ def probe(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, cfg: ThoughtC
     diff = (ros["own"].read_logp - ros["other"].read_logp)[..., 0].double()
     m, lo, hi = mean_ci(per_sequence(diff, valid))
     out["content"], out["content_ci95"] = m, [lo, hi]
+    tok_ok = true_thoughts(mask, positions, cfg.thought_len, 0).bool() & valid[..., None]  # (D, P, t) real tokens
+    pol = -ros["true"].thought_logp.double()                                     # (D, P, t)
+    out["policy_first"] = mean_ci(per_sequence(pol[..., 0], valid))[0]
+    out["policy_true"] = mean_ci(per_sequence(pol.flatten(1), tok_ok.flatten(1)))[0]
+    out["hit_first"] = mean_ci(per_sequence((own.thoughts[..., 0] == fed["true"][..., 0]).double(), valid))[0]
     firsts = own.thoughts[..., 0][valid].tolist()
     out["newline"] = sum(tokenizer.decode([f]).startswith("\n") for f in firsts) / max(1, len(firsts))
     out["examples"] = [{"context": tokenizer.decode(ids[0, max(0, p - 8):p + 1].tolist()),
@@ -143,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{what}: thoughts opening with a newline {r['newline']:.2f}; "
               f"next-token NLL base {r['nll_base']:.3f}, reader with its own thought {r['nll_reader_own']:.3f}, "
               f"another window's {r['nll_reader_other']:.3f}, the true continuation {r['nll_reader_true']:.3f}; "
-              f"content {r['content']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}; {r['seconds']:.0f} s)", flush=True)
+              f"content {r['content']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}); policy NLL of the true continuation: "
+              f"first token {r['policy_first']:.3f}, per token {r['policy_true']:.3f}; own thoughts starting "
+              f"with the true next token {r['hit_first']:.3f} ({r['seconds']:.0f} s)", flush=True)
         for ex in r["examples"]:
             print(f"    {ex['context']!r} -> {ex['thought']!r}")
     with open(args.out, "w") as f:
