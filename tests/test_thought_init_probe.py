@@ -11,9 +11,9 @@ import torch
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from thought_init_probe import probe, set_markers  # noqa: E402
+from thought_init_probe import compare, probe, set_markers  # noqa: E402
 
-from qstar_ds.config import ThoughtConfig  # noqa: E402
+from qstar_ds.config import ConfigError, ThoughtConfig  # noqa: E402
 from qstar_ds.loading import load_model  # noqa: E402
 
 
@@ -74,6 +74,8 @@ def test_probe_feeds_true_and_other_thoughts_and_scores_like_plain_forwards(talk
                 expect[k].append(sum(v) / len(v))
     for k, v in expect.items():
         assert abs(r[k] - sum(v) / D) < 1e-4, (k, r[k], sum(v) / D)
+        assert len(r["per_window"][k]) == D                                     # kept for --compare
+        assert max(abs(a - b) for a, b in zip(r["per_window"][k], v)) < 1e-4, k
     content = sum(expect["nll_reader_other"]) / D - sum(expect["nll_reader_own"]) / D
     assert abs(r["content"] - content) < 1e-4
     assert 0.0 <= r["newline"] <= 1.0
@@ -105,3 +107,35 @@ def test_cli_runs_on_a_local_corpus_and_refuses_an_empty_init(tmp_path):
                          timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "thought_init_probe: error: --init '': the tokenizer encodes it to no tokens"
+
+
+def _probe_file(path, per_window: dict, **settings):
+    base = {"data": "d.jsonl", "windows": 3, "seq_len": 16, "no_pack": False, "data_seed": 1, "thought_len": 3,
+            "talk_len": 2}
+    r = {"init": None, **{k: sum(v) / len(v) for k, v in per_window.items()}, "per_window": per_window}
+    path.write_text(json.dumps({"settings": {**base, **settings}, "results": [r]}))
+    return str(path)
+
+
+def test_compare_pairs_windows_and_refuses_other_windows(tmp_path):
+    a = _probe_file(tmp_path / "a.json", {"policy_first": [1.0, 2.0, 3.0], "hit_first": [0.0, 0.5, 0.5]})
+    b = _probe_file(tmp_path / "b.json", {"policy_first": [2.0, 2.0, 5.0], "hit_first": [0.0, 0.5, 0.5]})
+    lines = compare(a, b)
+    # differences 1, 0, 2: mean 1, sd 1, 95% half-width 1.96 / sqrt(3) = 1.1316
+    pf = [ln for ln in lines if ln.strip().startswith("policy_first")]
+    assert pf == ["    policy_first       A 2.0000  B 3.0000  B - A +1.0000 [-0.1316, +2.1316]"]
+    hit = [ln for ln in lines if ln.strip().startswith("hit_first")]
+    assert hit[0].endswith("B - A +0.0000 [+0.0000, +0.0000]")
+    c = _probe_file(tmp_path / "c.json", {"policy_first": [2.0, 2.0, 5.0]}, data_seed=0)
+    with pytest.raises(ConfigError, match="data_seed differs"):
+        compare(a, c)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"settings": json.loads(open(a).read())["settings"],
+                               "results": [{"init": None, "policy_first": 2.0}]}))
+    with pytest.raises(ConfigError, match="old.json: no per-window numbers"):
+        compare(a, str(old))
+    (tmp_path / "junk.json").write_text("not json")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "thought_init_probe.py"), "--compare", a,
+                          str(tmp_path / "junk.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "junk.json: not a thought_init_probe output" in res.stderr.strip().splitlines()[-1]

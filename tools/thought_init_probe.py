@@ -22,7 +22,10 @@ K-token window fits, and
             window's own thoughts that start with x_{i+1} ("hit"): what REINFORCE must raise
             before a reader that copies could gain from a thought
 
-All on the same positions and windows; prints one line per init and writes JSON (--out).
+All on the same positions and windows; prints one line per init and writes JSON (--out), with
+each number's per-window values. `--compare A.json B.json` reads two such files over the same
+windows (e.g. two checkpoints probed with the same --data_seed) and prints B - A for every number
+with a paired 95% CI over windows.
 --keep_markers instead probes the model as loaded, e.g. a trained checkpoint
 (`--model RUN/checkpoints/step_00000030 --keep_markers --data_seed S`, S the run's data.seed, so
 that its windows are ones the run never trained on): has training taught the state after a
@@ -74,18 +77,19 @@ def probe(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, cfg: ThoughtC
                                      thought_logprobs_too=k == "true") for k, v in fed.items()}}
     valid = own.valid.bool()                                                     # (D, P)
     base = own.base_logp.gather(1, own.anchor)                                   # (D, P)
+    tok_ok = true_thoughts(mask, positions, cfg.thought_len, 0).bool() & valid[..., None]  # (D, P, t) real tokens
+    pol = -ros["true"].thought_logp.double()                                     # (D, P, t)
+    windows = {"nll_base": per_sequence(-base.double(), valid),                  # each (D,): one mean per window
+               **{f"nll_reader_{k}": per_sequence(-ro.read_logp[..., 0].double(), valid) for k, ro in ros.items()},
+               "policy_first": per_sequence(pol[..., 0], valid),
+               "policy_true": per_sequence(pol.flatten(1), tok_ok.flatten(1)),
+               "hit_first": per_sequence((own.thoughts[..., 0] == fed["true"][..., 0]).double(), valid)}
     out: dict = {"windows": int(ids.shape[0]), "positions": int(valid.sum()),
-                 "nll_base": mean_ci(per_sequence(-base.double(), valid))[0]}
-    for k, ro in ros.items():
-        out[f"nll_reader_{k}"] = mean_ci(per_sequence(-ro.read_logp[..., 0].double(), valid))[0]
+                 **{k: mean_ci(v)[0] for k, v in windows.items()}}
     diff = (ros["own"].read_logp - ros["other"].read_logp)[..., 0].double()
     m, lo, hi = mean_ci(per_sequence(diff, valid))
     out["content"], out["content_ci95"] = m, [lo, hi]
-    tok_ok = true_thoughts(mask, positions, cfg.thought_len, 0).bool() & valid[..., None]  # (D, P, t) real tokens
-    pol = -ros["true"].thought_logp.double()                                     # (D, P, t)
-    out["policy_first"] = mean_ci(per_sequence(pol[..., 0], valid))[0]
-    out["policy_true"] = mean_ci(per_sequence(pol.flatten(1), tok_ok.flatten(1)))[0]
-    out["hit_first"] = mean_ci(per_sequence((own.thoughts[..., 0] == fed["true"][..., 0]).double(), valid))[0]
+    out["per_window"] = {k: v.tolist() for k, v in windows.items()}
     firsts = own.thoughts[..., 0][valid].tolist()
     out["newline"] = sum(tokenizer.decode([f]).startswith("\n") for f in firsts) / max(1, len(firsts))
     out["examples"] = [{"context": tokenizer.decode(ids[0, max(0, p - 8):p + 1].tolist()),
@@ -94,12 +98,49 @@ def probe(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, cfg: ThoughtC
     return {**out, "thoughts": {"own": own.thoughts, **fed}}
 
 
+SAME_WINDOWS = ("data", "windows", "seq_len", "no_pack", "data_seed", "thought_len", "talk_len")
+
+
+def compare(path_a: str, path_b: str) -> list[str]:
+    """Two probe files over the same windows -> lines: each per-window number of A and B and B - A
+    with its 95% CI over windows (paired: the windows are the same). Raises ConfigError."""
+    def load(path):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            return d["settings"], d["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--compare {path}: not a thought_init_probe output ({type(e).__name__}: {e})")
+    (sa, ra), (sb, rb) = load(path_a), load(path_b)
+    for k in SAME_WINDOWS:
+        if sa.get(k) != sb.get(k):
+            raise ConfigError(f"--compare: {k} differs ({sa.get(k)!r} in {path_a}, {sb.get(k)!r} in {path_b}): "
+                              "not the same windows")
+    if len(ra) != len(rb):
+        raise ConfigError(f"--compare: {path_a} has {len(ra)} results, {path_b} {len(rb)}")
+    lines = [f"B - A over {sa['windows']} windows (data_seed {sa['data_seed']}), 95% CI; A = {path_a}, B = {path_b}"]
+    for x, y in zip(ra, rb):
+        for path, r in ((path_a, x), (path_b, y)):
+            if "per_window" not in r:
+                raise ConfigError(f"--compare {path}: no per-window numbers (written before they were kept); "
+                                  "probe again")
+        lines.append(f"  A init {x['init']!r}, B init {y['init']!r}:")
+        for k, va in x["per_window"].items():
+            vb = y["per_window"].get(k)
+            if vb is None or len(vb) != len(va):
+                raise ConfigError(f"--compare: {k} has {len(va)} windows in {path_a}, "
+                                  f"{'none' if vb is None else len(vb)} in {path_b}")
+            m, lo, hi = mean_ci(torch.tensor(vb, dtype=torch.float64) - torch.tensor(va, dtype=torch.float64))
+            lines.append(f"    {k:<18} A {x[k]:.4f}  B {y[k]:.4f}  B - A {m:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from qstar_ds.data import DataError, heldout_sequences
     from qstar_ds.loading import load_model
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="a base model spec (see qstar_ds.loading)")
-    ap.add_argument("--data", required=True, help="a local .jsonl/.json/.parquet/.txt corpus (data.source)")
+    ap.add_argument("--data", help="a local .jsonl/.json/.parquet/.txt corpus (data.source); required unless --compare")
     ap.add_argument("--init", action="append", help="a text to start the markers from (repeatable; "
                     "default: --init --- --init ' \u2014')")
     ap.add_argument("--windows", type=int, default=12, help="held-out windows (eval.sequences)")
@@ -114,11 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data_seed", type=int, default=0, help="data.seed: which documents are held out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="thought_init_probe.json")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                    help="probe nothing: compare two outputs over the same windows (B - A, paired 95%% CIs)")
     argv, joined = list(sys.argv[1:] if argv is None else argv), []
     while argv:                                 # "--init ---": a value that starts with "-"
         a = argv.pop(0)
         joined.append(f"--init={argv.pop(0)}" if a == "--init" and argv else a)
     args = ap.parse_args(joined)
+    if args.compare:
+        try:
+            print("\n".join(compare(*args.compare)))
+        except ConfigError as e:
+            print(f"thought_init_probe: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.data:
+        ap.error("--data is required (unless --compare)")
     if args.keep_markers and args.init:
         ap.error("--keep_markers probes the markers as loaded; drop --init")
     args.init = [None] if args.keep_markers else (args.init or ["---", " \u2014"])
