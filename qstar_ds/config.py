@@ -174,6 +174,10 @@ class ModelConfig:
     after which the model starts a new paragraph (thoughts open with a blank line), while " —"
     (an em-dash: an aside inside the sentence) makes thoughts continue the text. Only a fresh
     run reads it: checkpoints keep the trained markers."""
+    thought_init_file: str | None = None
+    """A .safetensors file with a (2, hidden) tensor `thought_embeds` (<sot>, <eot>) that starts the
+    markers instead of thought_init, e.g. written by tools/fit_thought_markers.py. Read as tensor
+    data only (no code runs); only a fresh run reads it."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype", self.dtype,
@@ -181,6 +185,8 @@ class ModelConfig:
         _require(bool(self.name), "model.name", self.name, "must not be empty")
         _require(self.mixing_init_std >= 0, "model.mixing_init_std", self.mixing_init_std, "must be >= 0")
         _require(bool(self.thought_init), "model.thought_init", self.thought_init, "must not be empty")
+        _require(self.thought_init_file is None or self.thought_init_file.endswith(".safetensors"),
+                 "model.thought_init_file", self.thought_init_file, "must be a .safetensors file")
 
 
 @dataclass

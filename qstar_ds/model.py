@@ -320,6 +320,44 @@ class QuietStarModel(nn.Module):
         ]
 
 
+MARKER_KEY = "thought_embeds"
+
+
+def read_marker_file(path: str) -> torch.Tensor:
+    """The (2, H) marker vectors (<sot>, <eot>) of a .safetensors file (model.thought_init_file):
+    tensor data only, no code runs. Raises ConfigError naming the file and what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .config import ConfigError
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.thought_init_file={path!r}: no such file")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"model.thought_init_file={path!r}: not a readable .safetensors file ({e})") from None
+    w = tensors.get(MARKER_KEY)
+    if w is None or w.dim() != 2 or w.shape[0] != 2 or not w.is_floating_point():
+        what = "no such tensor" if w is None else f"shape {tuple(w.shape)}, {w.dtype}"
+        raise ConfigError(f"model.thought_init_file={path!r}: needs a floating (2, hidden) tensor "
+                          f"{MARKER_KEY!r} (<sot>, <eot>); found {what} (tensors: {sorted(tensors)})")
+    if not torch.isfinite(w).all():
+        raise ConfigError(f"model.thought_init_file={path!r}: {MARKER_KEY!r} has non-finite values")
+    return w
+
+
+def set_thought_embeds(model: "QuietStarModel", w: torch.Tensor, path: str) -> None:
+    """Start both markers from `w` (2, H) (read_marker_file), also when ZeRO-3 has partitioned them."""
+    from .config import ConfigError
+    hidden = model.base.config.hidden_size
+    if tuple(w.shape) != (2, hidden):
+        raise ConfigError(f"model.thought_init_file={path!r}: {MARKER_KEY!r} is {tuple(w.shape)}, "
+                          f"this model needs (2, {hidden})")
+    p = model.thought_embeds
+    with gathered([p]), torch.no_grad():
+        p.copy_(w.to(dtype=p.dtype, device=p.device))
+
+
 def randomize_mixing_head(model: QuietStarModel, std: float, seed: int) -> None:
     """N(0, std) mixing-head weights, identical on every rank (before the optimizer exists)."""
     params = list(model.mixing_head.parameters())

@@ -38,7 +38,7 @@ from .heldout_eval import VIEWER_PAGE, HeldoutEval
 from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
 from .attention import auto_note, resolve_backend
-from .model import QuietStarModel, filler_token_id, randomize_mixing_head
+from .model import QuietStarModel, filler_token_id, randomize_mixing_head, read_marker_file, set_thought_embeds
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
 from .rollout import Rollout, rollout, sequence_noise, step_positions
@@ -106,9 +106,16 @@ class Trainer:
         if zero_stage(self.ds_config) == 3 and not cfg.model.name.startswith(TINY_PREFIX):
             self.dist.zero_init(self.ds_config)
 
+        # a fresh run's marker file: a bad one says so before the model loads (its shape once it has)
+        markers = None
+        if cfg.model.thought_init_file and resume_path is None:
+            markers = read_marker_file(cfg.model.thought_init_file)
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
         model = QuietStarModel.from_base(base, self.tokenizer, cfg.model.thought_init)
+        if markers is not None:
+            set_thought_embeds(model, markers, cfg.model.thought_init_file)
+            self._note(f"thought markers start from {cfg.model.thought_init_file} (model.thought_init_file)")
         if cfg.model.mixing_init_std > 0:
             randomize_mixing_head(model, cfg.model.mixing_init_std, cfg.train.seed)
         if cfg.model.gradient_checkpointing:

@@ -61,6 +61,8 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),
+    (["--model.thought_init_file", "markers.pt"], "model.thought_init_file='markers.pt': must be a .safetensors file"),
+    (["--model.thought_init_file", "missing.safetensors"], "model.thought_init_file='missing.safetensors': no such file"),
     (["--thought.talk_positions", "before"], "thought.talk_positions='before': must be one of ['after_thought', 'resume']"),
     (["--no.such_key", "1"], "unknown config key 'no.such_key'"),
     (["--preset", "gpt5"], "preset='gpt5': unknown"),

@@ -103,6 +103,24 @@ def test_cli_runs_on_a_local_corpus_and_refuses_an_empty_init(tmp_path):
     assert len(kept) == 1 and kept[0]["init"] is None
     assert {k: kept[0][k] for k in ("nll_reader_own", "nll_reader_other", "nll_reader_true", "content")} == \
         {k: got[0][k] for k in ("nll_reader_own", "nll_reader_other", "nll_reader_true", "content")}
+    # a marker file (model.thought_init_file) holding "---"'s embedding probes like --init ---
+    from safetensors.torch import save_file
+    tiny = load_model("tiny-llama")
+    dash = tiny.tokenizer.encode("---", add_special_tokens=False)[0]
+    markers = tmp_path / "dash.safetensors"
+    save_file({"thought_embeds": tiny.model.base.get_input_embeddings().weight[dash].detach().expand(2, -1).contiguous()},
+              str(markers))
+    res = subprocess.run(base + ["--out", str(out), "--init_file", str(markers)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from_file = json.loads(out.read_text())["results"]
+    assert len(from_file) == 1 and from_file[0]["init"] == f"file:{markers}"
+    assert from_file[0]["per_window"] == got[0]["per_window"]
+    save_file({"thought_embeds": torch.zeros(2, 3)}, str(markers))
+    res = subprocess.run(base + ["--out", str(out), "--init_file", str(markers)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is (2, 3), this model needs" in res.stderr.strip().splitlines()[-1]
     res = subprocess.run(base + ["--out", str(out), "--init", ""], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr

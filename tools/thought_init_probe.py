@@ -3,7 +3,7 @@
     python tools/thought_init_probe.py --data ../shared/data/owm_sample/text.jsonl --init "---" --init " —"
 
 For each init text (its first token's embedding starts <|startofthought|> and <|endofthought|>, as
-model.thought_init does), on the held-out windows a run with these data settings scores (data.seed
+model.thought_init does; or each --init_file, as model.thought_init_file does), on the held-out windows a run with these data settings scores (data.seed
 0, packed unless --no_pack): one thought sampled at --temperature after every position whose
 K-token window fits, and
 
@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qstar_ds.config import ConfigError, DataConfig, EvalConfig, ThoughtConfig  # noqa: E402
 from qstar_ds.heldout import mean_ci, per_sequence  # noqa: E402
+from qstar_ds.model import read_marker_file, set_thought_embeds  # noqa: E402
 from qstar_ds.rollout import default_positions, rollout  # noqa: E402
 
 
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--talk_positions", default=None, choices=["after_thought", "resume"],
                     help="thought.talk_positions (default: the model's training value, after_thought for a base model)")
+    ap.add_argument("--init_file", action="append", default=[],
+                    help="a model.thought_init_file (.safetensors, e.g. from tools/fit_thought_markers.py) to "
+                    "start the markers from (repeatable; probed after the --init texts)")
     ap.add_argument("--keep_markers", action="store_true", help="probe the markers as loaded (a trained model)")
     ap.add_argument("--data_seed", type=int, default=0, help="data.seed: which documents are held out")
     ap.add_argument("--seed", type=int, default=0)
@@ -171,18 +175,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.data:
         ap.error("--data is required (unless --compare)")
-    if args.keep_markers and args.init:
-        ap.error("--keep_markers probes the markers as loaded; drop --init")
-    args.init = [None] if args.keep_markers else (args.init or ["---", " \u2014"])
+    if args.keep_markers and (args.init or args.init_file):
+        ap.error("--keep_markers probes the markers as loaded; drop --init and --init_file")
+    if args.keep_markers:
+        args.init = [None]
+    elif not args.init_file:
+        args.init = args.init or ["---", " \u2014"]
+    starts = [(text, None) for text in args.init or []] + [(None, path) for path in args.init_file]
     try:
         d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack, seed=args.data_seed)
         loaded = load_model(args.model)
         cfg = ThoughtConfig(n_thoughts=1, temperature=args.temperature, thought_len=args.thought_len,
                             talk_len=args.talk_len, talk_positions=args.talk_positions or loaded.talk_positions)
         tok = loaded.tokenizer
-        for text in args.init:
+        for text in args.init or []:
             if text is not None and not tok.encode(text, add_special_tokens=False):
                 raise ConfigError(f"--init {text!r}: the tokenizer encodes it to no tokens")
+        files = {path: read_marker_file(path) for path in args.init_file}
+        for path, w in files.items():
+            set_thought_embeds(loaded.model, w, path)      # checks the shape now, before the probing
         ids, mask = heldout_sequences(tok, d, EvalConfig(sequences=args.windows))
     except (ConfigError, DataError) as e:
         print(f"thought_init_probe: error: {e}", file=sys.stderr)
@@ -192,16 +203,23 @@ def main(argv: list[str] | None = None) -> int:
               "the content check needs 2", file=sys.stderr)
         return 2
     results = []
-    for text in args.init:
-        first = None if text is None else set_markers(loaded.model, tok, text)
+    for text, path in starts:
+        first = None
+        if path is not None:
+            set_thought_embeds(loaded.model, files[path], path)
+        elif text is not None:
+            first = set_markers(loaded.model, tok, text)
+        label = f"file {path}" if path is not None else "markers as loaded" if text is None else repr(text)
         t0 = time.perf_counter()
-        print(f"[probe] {'markers as loaded' if text is None else repr(text)}: {ids.shape[0]} windows x 3 rollouts ...", file=sys.stderr, flush=True)
+        print(f"[probe] {label}: {ids.shape[0]} windows x 3 rollouts ...", file=sys.stderr, flush=True)
         r = probe(loaded.model, tok, ids, mask, cfg, args.seed)
         r.pop("thoughts")
-        r.update(init=text, token=None if first is None else tok.decode([first]), seconds=time.perf_counter() - t0)
+        r.update(init=text if path is None else f"file:{path}", token=None if first is None else tok.decode([first]),
+                 seconds=time.perf_counter() - t0)
         results.append(r)
         lo, hi = r["content_ci95"]
-        what = f"markers as loaded ({loaded.source})" if text is None else f"init {text!r} (token {r['token']!r})"
+        what = (f"markers from {path}" if path is not None else f"markers as loaded ({loaded.source})"
+                if text is None else f"init {text!r} (token {r['token']!r})")
         print(f"{what}: thoughts opening with a newline {r['newline']:.2f}; "
               f"next-token NLL base {r['nll_base']:.3f}, reader with its own thought {r['nll_reader_own']:.3f}, "
               f"another window's {r['nll_reader_other']:.3f}, the true continuation {r['nll_reader_true']:.3f}; "

@@ -1,0 +1,157 @@
+"""tools/fit_thought_markers.py and model.thought_init_file: the loss it fits against the learn
+pass's thought log-probs, what it changes, the documents it reads, the file it writes, and the
+trainer starting from that file (bad files: one clear line)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import ROOT, run_worker
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from fit_thought_markers import TrainingSideStream, continuation, fit, main, policy_nll  # noqa: E402
+
+from qstar_ds.config import ConfigError, ModelConfig, ThoughtConfig  # noqa: E402
+from qstar_ds.data import DataError, SequenceStream, is_heldout  # noqa: E402
+from qstar_ds.learn import learn_pass  # noqa: E402
+from qstar_ds.loading import load_model  # noqa: E402
+from qstar_ds.model import MARKER_KEY, read_marker_file, set_thought_embeds  # noqa: E402
+from qstar_ds.rollout import default_positions  # noqa: E402
+
+
+@pytest.fixture()
+def tiny():
+    loaded = load_model("tiny-llama")
+    torch.manual_seed(0)
+    with torch.no_grad():          # markers unlike any token, so that a wrong row would show
+        loaded.model.thought_embeds.normal_()
+    return loaded
+
+
+def batch(tok, B=2, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(tok) - 2, (B, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, n - 3:] = 0                                        # a short document: padding
+    return ids, mask
+
+
+def test_policy_nll_is_the_learn_pass_thought_nll_of_the_true_continuation(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=0.3)   # the fit scores at T 1
+    ids, mask = batch(tok)
+    pad = tok.eos_token_id
+    got = policy_nll(model, cfg, ids, mask, pad)
+    positions = default_positions(ids.shape[1], cfg.talk_len)
+    thoughts, real = continuation(ids, mask, positions, cfg.thought_len, pad)      # (B, P, t)
+    for b in range(ids.shape[0]):
+        for j, p in enumerate(positions.tolist()):
+            want = [int(ids[b, q]) if q < ids.shape[1] and mask[b, q] else pad for q in range(p + 1, p + 4)]
+            assert thoughts[b, j].tolist() == want
+    real = real & mask.bool()[:, positions, None]
+    anchor = positions[None].expand(ids.shape[0], -1).contiguous()
+    ref_cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=1.0)
+    with torch.no_grad():
+        ref = learn_pass(model, ref_cfg, ids, mask, anchor, thoughts)
+    nll = -ref.thought_logp.double()
+    want = (nll * real).sum() / real.sum()
+    assert float(got["loss"].detach()) == pytest.approx(float(want), rel=1e-5)
+    first = real[..., 0]
+    assert float(got["first"]) == pytest.approx(float(nll[..., 0][first].mean()), rel=1e-5)
+    base = -ref.base_logp.double()[:, positions][first].mean()
+    assert float(got["base"]) == pytest.approx(float(base), rel=1e-5)
+
+
+def test_fit_moves_only_the_start_marker_and_lowers_the_loss(tiny, tmp_path):
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2)
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": "one two three four five six seven eight nine ten. " * 3}) + "\n"
+                           for _ in range(40)))
+    ids, mask = SequenceStream(tok, str(src), 16).next_batch(2)
+    before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = float(policy_nll(model, cfg, ids, mask, tok.eos_token_id)["loss"].detach())
+    losses = fit(model, cfg, SequenceStream(tok, str(src), 16), steps=15, batch=2, lr=0.05,
+                 pad=tok.eos_token_id, log=lambda s: None)
+    after = float(policy_nll(model, cfg, ids, mask, tok.eos_token_id)["loss"].detach())
+    assert len(losses) == 15 and after < before - 0.05, (before, after)
+    for n, p in model.named_parameters():
+        if n == "thought_embedding.weight":
+            assert not torch.equal(p[0], before_params[n][0]), "<sot> must move"
+            assert torch.equal(p[1], before_params[n][1]), "<eot> must stay"
+        else:
+            assert torch.equal(p, before_params[n]), f"{n} must stay frozen"
+
+
+def test_training_side_stream_skips_documents_any_seed_holds_out(tiny, tmp_path):
+    tok = tiny.tokenizer
+    docs = [f"document number {k} says {k * 7 % 13}" for k in range(120)]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    s = TrainingSideStream(tok, str(src), 32, pack=False, seeds=[0, 1], fraction=0.2)
+    read = []
+    try:
+        while True:
+            ids, mask = s.next_sequence()
+            read.append(tok.decode([i for i, m in zip(ids, mask) if m]))
+    except DataError:              # the source ran out
+        pass
+    want = [d for d in docs if not is_heldout(d, 0.2, 0) and not is_heldout(d, 0.2, 1)]
+    held = [d for d in docs if is_heldout(d, 0.2, 0) or is_heldout(d, 0.2, 1)]
+    assert held and any(is_heldout(d, 0.2, 1) and not is_heldout(d, 0.2, 0) for d in docs), "seed 1 must matter"
+    assert [r.strip() for r in read] == want
+
+
+def test_cli_writes_a_file_the_trainer_starts_from(tiny, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"line {k}: the sum of {k} and {k + 1} is {2 * k + 1}."}) + "\n"
+                           for k in range(300)))
+    out = tmp_path / "m.safetensors"
+    assert main(["--model", "tiny-llama", "--data", str(src), "--data_seeds", "0,1", "--seq_len", "16",
+                 "--thought_len", "3", "--talk_len", "2", "--steps", "2", "--batch", "2", "--windows", "2",
+                 "--out", str(out)]) == 0
+    w = read_marker_file(str(out))
+    emb = tiny.model.base.get_input_embeddings().weight
+    first = tiny.tokenizer.encode(" \u2014", add_special_tokens=False)[0]
+    assert w.shape == (2, emb.shape[1])
+    assert torch.equal(w[1], emb[first].float()), "<eot> keeps the init text's embedding"
+    assert not torch.equal(w[0], emb[first].float()), "<sot> is fitted"
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["qstar_ds"])
+    assert meta["data_seeds"] == [0, 1] and meta["steps"] == 2 and len(meta["losses"]) == 2
+    assert set(meta["before"]) == {"true", "first", "base"}
+    assert main(["--model", "tiny-llama", "--data", str(src), "--out", str(tmp_path / "m.pt")]) == 2
+    assert main(["--model", "tiny-llama", "--data", str(src), "--data_seeds", "a", "--out", str(out)]) == 2
+    # the trainer (one rank, ZeRO-3) starts both markers from the file
+    two = run_worker(tmp_path, "from_file", 1, {"model.thought_init_file": str(out), "train.max_steps": 1})
+    assert torch.equal(two["init"]["thought_embedding.weight"], w)
+
+
+def test_bad_marker_files_are_one_clear_line(tiny, tmp_path):
+    H = tiny.model.base.config.hidden_size
+    with pytest.raises(ConfigError, match="must be a .safetensors file"):
+        ModelConfig(thought_init_file="m.pt")
+    cases = {"missing": (None, "no such file"),
+             "garbage": (b"not a safetensors file at all", "not a readable .safetensors file"),
+             "key": ({"other": torch.zeros(2, H)}, "found no such tensor"),
+             "shape": ({MARKER_KEY: torch.zeros(3, H)}, "found shape (3, %d)" % H),
+             "ints": ({MARKER_KEY: torch.zeros(2, H, dtype=torch.long)}, "torch.int64"),
+             "nan": ({MARKER_KEY: torch.full((2, H), float("nan"))}, "non-finite")}
+    for name, (content, needle) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            save_file(content, str(path))
+        with pytest.raises(ConfigError) as e:
+            read_marker_file(str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"model.thought_init_file={str(path)!r}") and needle in msg and "\n" not in msg, msg
+    path = tmp_path / "wide.safetensors"
+    save_file({MARKER_KEY: torch.zeros(2, H + 1)}, str(path))
+    with pytest.raises(ConfigError, match=rf"is \(2, {H + 1}\), this model needs \(2, {H}\)"):
+        set_thought_embeds(tiny.model, read_marker_file(str(path)), str(path))

@@ -1,0 +1,197 @@
+"""Fit the <|startofthought|> vector so that the untrained model, after it, goes on with the text.
+
+    python tools/fit_thought_markers.py --data ../shared/data/owm_sample/text.jsonl --data_seeds 0,1 \
+        --out markers.safetensors
+    python qstar_ds/train.py ... --model.thought_init_file markers.safetensors
+
+Why: a thought is sampled after <sot>, and the marker starts as some token's embedding
+(model.thought_init). At 135M every such start we probed (tools/thought_init_probe.py) makes the
+policy give the text's next token an NLL about twice its NLL without the marker, so REINFORCE
+almost never sees a thought that says what comes next. This tool fits only the <sot> vector (the
+whole model frozen, <eot> left at its init) to maximise the policy's log-likelihood of the true
+next thought_len tokens as a thought (teacher-forced, temperature 1, every position whose talk
+window fits, the training layout), i.e. a marker after which the model thinks the text's
+continuation as well as it can predict it. It reads only documents on the training side of every
+seed in --data_seeds (the runs that will use the file never evaluate on them), and prints the
+policy's NLL of the true continuation on the held-out windows of the first seed before and after.
+Writes a .safetensors file with the (2, hidden) tensor `thought_embeds` and what made it
+(metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qstar_ds.config import ConfigError, DataConfig, EvalConfig, ThoughtConfig  # noqa: E402
+from qstar_ds.data import DataError, SequenceStream, first_sequences, heldout_sequences, is_heldout  # noqa: E402
+from qstar_ds.layout import Layout  # noqa: E402
+from qstar_ds.learn import stream_ids  # noqa: E402
+from qstar_ds.model import MARKER_KEY  # noqa: E402
+from qstar_ds.rollout import default_positions  # noqa: E402
+from qstar_ds.talk import logprobs  # noqa: E402
+
+
+class TrainingSideStream(SequenceStream):
+    """A SequenceStream over the documents that no seed in `seeds` holds out."""
+
+    def __init__(self, *args, seeds: list[int], fraction: float, **kwargs):
+        self.seeds, self.fraction = seeds, fraction
+        super().__init__(*args, **kwargs)
+
+    def _next_doc(self) -> tuple[int, str]:
+        while True:
+            index, text = super()._next_doc()
+            if not any(is_heldout(text, self.fraction, s) for s in self.seeds):
+                return index, text
+
+
+def continuation(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, t: int, pad: int):
+    """(B, n) ids and mask, (P,) positions -> (B, P, t) x_{i+1..i+t} after each position i (`pad`
+    past the window and on padding) and (B, P, t) bool: which of them are real tokens."""
+    idx = positions[:, None] + 1 + torch.arange(t)                                  # (P, t)
+    return (torch.nn.functional.pad(ids.masked_fill(~mask.bool(), pad), (0, t), value=pad)[:, idx],
+            torch.nn.functional.pad(mask, (0, t), value=0)[:, idx].bool())
+
+
+def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> dict:
+    """The policy's (temperature 1) NLL of the true continuation as the thought after every
+    position whose talk window fits, in the training layout (learn.learn_pass's thought log-probs),
+    and the base NLL of the next token. -> {"loss": mean NLL per real thought token (with grad),
+    "first": mean NLL of x_{i+1} as the first thought token, "base": mean base NLL of x_{i+1}}."""
+    B, n = ids.shape
+    positions = default_positions(n, cfg.talk_len, ids.device)
+    anchor = positions[None].expand(B, -1).contiguous()                             # (B, P)
+    thoughts, real = continuation(ids, mask, positions, cfg.thought_len, pad)         # (B, P, t)
+    real = real & mask.bool()[:, positions, None]
+    L = cfg.thought_len + cfg.talk_len + 1
+    layout = Layout.packed(mask.bool(), anchor, L, backend=cfg.attention_backend, talk_at=cfg.talk_at)
+    x = torch.cat([ids, stream_ids(ids, anchor, thoughts, model.sot_id, model.eot_id, cfg.talk_len).flatten(1)], 1)
+    h = model.hidden(x, layout)                                                     # (B, S, H)
+    h_st = h[:, n:].unflatten(1, (anchor.shape[1], L))                              # (B, P, L, H)
+    nll = -logprobs(model, h_st[:, :, :cfg.thought_len], thoughts, 1.0, cfg.loss_chunk_tokens)  # (B, P, t)
+    w = real.to(nll.dtype)
+    first = real[..., 0]
+    with torch.no_grad():
+        base = -logprobs(model, h[:, :n - 1], ids[:, 1:], 1.0, cfg.loss_chunk_tokens)   # (B, n-1)
+        base = base[:, positions][first].mean()
+    return {"loss": (nll * w).sum() / w.sum().clamp(min=1), "first": nll[..., 0][first].mean().detach(),
+            "base": base}
+
+
+def evaluate(model, cfg, ids, mask, pad, batch: int) -> dict:
+    """policy_nll over held-out windows in batches, without grad -> floats (token-weighted means)."""
+    out = {"true": 0.0, "first": 0.0, "base": 0.0}
+    with torch.no_grad():
+        for b in range(0, ids.shape[0], batch):
+            r = policy_nll(model, cfg, ids[b:b + batch], mask[b:b + batch], pad)
+            for k, v in (("true", r["loss"]), ("first", r["first"]), ("base", r["base"])):
+                out[k] += float(v) * ids[b:b + batch].shape[0] / ids.shape[0]
+    return out
+
+
+def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: int, lr: float, pad: int,
+        log=print) -> list[float]:
+    """Adam on the <sot> row of model.thought_embeds alone (everything else frozen) for `steps`
+    batches of `stream`. -> the training loss of every step."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.thought_embeds                                                          # (2, H)
+    w.requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    losses = []
+    for step in range(steps):
+        ids, mask = stream.next_batch(batch)
+        loss = policy_nll(model, cfg, ids, mask, pad)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        w.grad[1].zero_()          # <eot> gets none anyway (thought tokens never see it); Adam leaves it
+        opt.step()
+        losses.append(float(loss.detach()))
+        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {losses[-1]:.3f} per token")
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetensors.torch import save_file
+
+    from qstar_ds.loading import load_model
+    from qstar_ds.model import QuietStarModel
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a base model spec (see qstar_ds.loading)")
+    ap.add_argument("--data", required=True, help="a local .jsonl/.json/.parquet/.txt corpus (data.source)")
+    ap.add_argument("--data_seeds", default="0", help="comma-separated data.seed of the runs that will use "
+                    "the file: only documents none of them holds out are read")
+    ap.add_argument("--init", default=" \u2014", help="model.thought_init to start from (and <eot>'s value)")
+    ap.add_argument("--seq_len", type=int, default=64)
+    ap.add_argument("--no_pack", action="store_true", help="documents' first seq_len tokens (data.pack false)")
+    ap.add_argument("--thought_len", type=int, default=8)
+    ap.add_argument("--talk_len", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=4, help="windows per step")
+    ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the <sot> vector")
+    ap.add_argument("--windows", type=int, default=16, help="held-out windows for the before/after numbers")
+    ap.add_argument("--out", default="markers.safetensors")
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.data_seeds.split(",")]
+    except ValueError:
+        print(f"fit_thought_markers: error: --data_seeds {args.data_seeds!r}: expected integers, e.g. 0,1",
+              file=sys.stderr)
+        return 2
+    if not args.out.endswith(".safetensors"):
+        print(f"fit_thought_markers: error: --out {args.out!r}: must end in .safetensors", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.batch < 1 or not args.lr > 0:
+        print("fit_thought_markers: error: --steps and --batch must be >= 1 and --lr > 0", file=sys.stderr)
+        return 2
+    try:
+        d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack, seed=seeds[0])
+        e = EvalConfig(sequences=args.windows)
+        cfg = ThoughtConfig(n_thoughts=1, thought_len=args.thought_len, talk_len=args.talk_len)
+        loaded = load_model(args.model)
+        model, tok = loaded.model, loaded.tokenizer
+        if not isinstance(model, QuietStarModel) or loaded.run_config is not None:
+            raise ConfigError(f"--model {args.model!r}: a base model, not a trained checkpoint")
+        first = tok.encode(args.init, add_special_tokens=False)
+        if not first:
+            raise ConfigError(f"--init {args.init!r}: the tokenizer encodes it to no tokens")
+        with torch.no_grad():
+            model.thought_embeds.copy_(model.base.get_input_embeddings().weight[first[0]].expand(2, -1))
+        pad = tok.eos_token_id
+        ids_h, mask_h = heldout_sequences(tok, d, e)
+        stream = TrainingSideStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed,
+                                    seeds=seeds, fraction=e.holdout_fraction)
+        first_sequences(stream, 1)       # a source with no training-side document says so now
+    except (ConfigError, DataError) as err:
+        print(f"fit_thought_markers: error: {err}", file=sys.stderr)
+        return 2
+    model.eval()
+    t0 = time.perf_counter()
+    before = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
+    print(f"[fit] before ({args.init!r}): held-out policy NLL of the true continuation {before['true']:.3f} per "
+          f"token, of the next token {before['first']:.3f} (base model without a thought {before['base']:.3f})",
+          flush=True)
+    losses = fit(model, cfg, stream, args.steps, args.batch, args.lr, pad,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    after = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
+    print(f"[fit] after {args.steps} steps: held-out policy NLL of the true continuation {after['true']:.3f} per "
+          f"token, of the next token {after['first']:.3f} (base model without a thought {after['base']:.3f}); "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    meta = {"model": args.model, "data": args.data, "data_seeds": seeds, "init": args.init, "seq_len": args.seq_len,
+            "pack": not args.no_pack, "thought_len": args.thought_len, "talk_len": args.talk_len, "steps": args.steps,
+            "batch": args.batch, "lr": args.lr, "before": before, "after": after, "losses": losses}
+    save_file({MARKER_KEY: model.thought_embeds.detach().float().contiguous()}, args.out,
+              metadata={"qstar_ds": json.dumps(meta)})
+    print(f"written {args.out} (use: --model.thought_init_file {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
