@@ -39,12 +39,14 @@ def batch(tok, B=2, n=10, seed=0):
     return ids, mask
 
 
-def test_policy_nll_is_the_learn_pass_thought_nll_of_the_true_continuation(tiny):
+@pytest.mark.parametrize("talk_positions", ["after_thought", "resume"])
+def test_policy_nll_is_the_learn_pass_thought_nll_of_the_true_continuation(tiny, talk_positions):
     model, tok = tiny.model, tiny.tokenizer
-    cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=0.3)   # the fit scores at T 1
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=0.3,   # the fit scores at T 1
+                        talk_positions=talk_positions)
     ids, mask = batch(tok)
     pad = tok.eos_token_id
-    got = policy_nll(model, cfg, ids, mask, pad)
+    got = policy_nll(model, cfg, ids, mask, pad, with_reader=True)
     positions = default_positions(ids.shape[1], cfg.talk_len)
     thoughts, real = continuation(ids, mask, positions, cfg.thought_len, pad)      # (B, P, t)
     for b in range(ids.shape[0]):
@@ -53,7 +55,8 @@ def test_policy_nll_is_the_learn_pass_thought_nll_of_the_true_continuation(tiny)
             assert thoughts[b, j].tolist() == want
     real = real & mask.bool()[:, positions, None]
     anchor = positions[None].expand(ids.shape[0], -1).contiguous()
-    ref_cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=1.0)
+    ref_cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2, temperature=1.0, w_read=0.1,
+                            talk_positions=talk_positions)
     with torch.no_grad():
         ref = learn_pass(model, ref_cfg, ids, mask, anchor, thoughts)
     nll = -ref.thought_logp.double()
@@ -63,9 +66,13 @@ def test_policy_nll_is_the_learn_pass_thought_nll_of_the_true_continuation(tiny)
     assert float(got["first"]) == pytest.approx(float(nll[..., 0][first].mean()), rel=1e-5)
     base = -ref.base_logp.double()[:, positions][first].mean()
     assert float(got["base"]) == pytest.approx(float(base), rel=1e-5)
+    read = -ref.read_logp.double()                                                 # (B, P, K)
+    assert float(got["reader"].detach()) == pytest.approx(float(read[ref.valid].mean()), rel=1e-5)
+    assert float(got["reader_first"]) == pytest.approx(float(read[..., 0][ref.valid].mean()), rel=1e-5)
 
 
-def test_fit_moves_only_the_start_marker_and_lowers_the_loss(tiny, tmp_path):
+@pytest.mark.parametrize("eot", [False, True])
+def test_fit_moves_only_the_markers_it_fits_and_lowers_the_loss(tiny, tmp_path, eot):
     model, tok = tiny.model, tiny.tokenizer
     cfg = ThoughtConfig(n_thoughts=1, thought_len=3, talk_len=2)
     src = tmp_path / "c.jsonl"
@@ -73,15 +80,21 @@ def test_fit_moves_only_the_start_marker_and_lowers_the_loss(tiny, tmp_path):
                            for _ in range(40)))
     ids, mask = SequenceStream(tok, str(src), 16).next_batch(2)
     before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    before = float(policy_nll(model, cfg, ids, mask, tok.eos_token_id)["loss"].detach())
+    def loss():
+        r = policy_nll(model, cfg, ids, mask, tok.eos_token_id, with_reader=True)
+        return float(r["loss"].detach()), float(r["reader"].detach())
+
+    before = loss()
     losses = fit(model, cfg, SequenceStream(tok, str(src), 16), steps=15, batch=2, lr=0.05,
-                 pad=tok.eos_token_id, log=lambda s: None)
-    after = float(policy_nll(model, cfg, ids, mask, tok.eos_token_id)["loss"].detach())
-    assert len(losses) == 15 and after < before - 0.05, (before, after)
+                 pad=tok.eos_token_id, log=lambda s: None, eot=eot)
+    after = loss()
+    assert len(losses) == 15 and after[0] < before[0] - 0.05, (before, after)
+    if eot:
+        assert after[1] < before[1] - 0.05, (before, after)
     for n, p in model.named_parameters():
         if n == "thought_embedding.weight":
             assert not torch.equal(p[0], before_params[n][0]), "<sot> must move"
-            assert torch.equal(p[1], before_params[n][1]), "<eot> must stay"
+            assert torch.equal(p[1], before_params[n][1]) != eot, "<eot> moves only with eot"
         else:
             assert torch.equal(p, before_params[n]), f"{n} must stay frozen"
 
@@ -123,7 +136,7 @@ def test_cli_writes_a_file_the_trainer_starts_from(tiny, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = json.loads(f.metadata()["qstar_ds"])
     assert meta["data_seeds"] == [0, 1] and meta["steps"] == 2 and len(meta["losses"]) == 2
-    assert set(meta["before"]) == {"true", "first", "base"}
+    assert set(meta["before"]) == {"true", "first", "reader", "reader_first", "base"} and meta["eot"] is False
     assert main(["--model", "tiny-llama", "--data", str(src), "--out", str(tmp_path / "m.pt")]) == 2
     assert main(["--model", "tiny-llama", "--data", str(src), "--data_seeds", "a", "--out", str(out)]) == 2
     # the trainer (one rank, ZeRO-3) starts both markers from the file

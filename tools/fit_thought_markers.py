@@ -11,7 +11,10 @@ almost never sees a thought that says what comes next. This tool fits only the <
 whole model frozen, <eot> left at its init) to maximise the policy's log-likelihood of the true
 next thought_len tokens as a thought (teacher-forced, temperature 1, every position whose talk
 window fits, the training layout), i.e. a marker after which the model thinks the text's
-continuation as well as it can predict it. It reads only documents on the training side of every
+continuation as well as it can predict it. `--eot` fits <eot> as well, on the NLL of the talk
+targets from the state after the true continuation as a thought (the reader; added to the loss):
+a transparent <sot> alone makes the thought read like the text itself, after which the untrained
+model no longer repeats its first token. It reads only documents on the training side of every
 seed in --data_seeds (the runs that will use the file never evaluate on them), and prints the
 policy's NLL of the true continuation on the held-out windows of the first seed before and after.
 Writes a .safetensors file with the (2, hidden) tensor `thought_embeds` and what made it
@@ -35,7 +38,8 @@ from qstar_ds.layout import Layout  # noqa: E402
 from qstar_ds.learn import stream_ids  # noqa: E402
 from qstar_ds.model import MARKER_KEY  # noqa: E402
 from qstar_ds.rollout import default_positions  # noqa: E402
-from qstar_ds.talk import logprobs  # noqa: E402
+from qstar_ds.losses import stream_validity  # noqa: E402
+from qstar_ds.talk import logprobs, read_logprobs  # noqa: E402
 
 
 class TrainingSideStream(SequenceStream):
@@ -60,11 +64,14 @@ def continuation(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
             torch.nn.functional.pad(mask, (0, t), value=0)[:, idx].bool())
 
 
-def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> dict:
+def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, pad: int,
+               with_reader: bool = False) -> dict:
     """The policy's (temperature 1) NLL of the true continuation as the thought after every
     position whose talk window fits, in the training layout (learn.learn_pass's thought log-probs),
     and the base NLL of the next token. -> {"loss": mean NLL per real thought token (with grad),
-    "first": mean NLL of x_{i+1} as the first thought token, "base": mean base NLL of x_{i+1}}."""
+    "first": mean NLL of x_{i+1} as the first thought token, "base": mean base NLL of x_{i+1}};
+    `with_reader` adds "reader": the mean NLL of the K talk targets from the post-thought states
+    alone after that true thought (learn_pass's read log-probs; with grad) and "reader_first" (x_{i+1})."""
     B, n = ids.shape
     positions = default_positions(n, cfg.talk_len, ids.device)
     anchor = positions[None].expand(B, -1).contiguous()                             # (B, P)
@@ -78,28 +85,41 @@ def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
     nll = -logprobs(model, h_st[:, :, :cfg.thought_len], thoughts, 1.0, cfg.loss_chunk_tokens)  # (B, P, t)
     w = real.to(nll.dtype)
     first = real[..., 0]
+    out = {"loss": (nll * w).sum() / w.sum().clamp(min=1), "first": nll[..., 0][first].mean().detach()}
+    if with_reader:
+        valid = stream_validity(mask.bool(), anchor, cfg.talk_len)                    # (B, P)
+        read = -read_logprobs(model, h_st[:, :, cfg.thought_len + 1:], ids, anchor, cfg.loss_chunk_tokens)  # (B, P, K)
+        out["reader"] = read[valid].mean()
+        out["reader_first"] = read[..., 0][valid].mean().detach()
     with torch.no_grad():
         base = -logprobs(model, h[:, :n - 1], ids[:, 1:], 1.0, cfg.loss_chunk_tokens)   # (B, n-1)
-        base = base[:, positions][first].mean()
-    return {"loss": (nll * w).sum() / w.sum().clamp(min=1), "first": nll[..., 0][first].mean().detach(),
-            "base": base}
+        out["base"] = base[:, positions][first].mean()
+    return out
 
 
 def evaluate(model, cfg, ids, mask, pad, batch: int) -> dict:
     """policy_nll over held-out windows in batches, without grad -> floats (token-weighted means)."""
-    out = {"true": 0.0, "first": 0.0, "base": 0.0}
+    out: dict = {}
     with torch.no_grad():
         for b in range(0, ids.shape[0], batch):
-            r = policy_nll(model, cfg, ids[b:b + batch], mask[b:b + batch], pad)
-            for k, v in (("true", r["loss"]), ("first", r["first"]), ("base", r["base"])):
-                out[k] += float(v) * ids[b:b + batch].shape[0] / ids.shape[0]
+            r = policy_nll(model, cfg, ids[b:b + batch], mask[b:b + batch], pad, with_reader=True)
+            r["true"] = r.pop("loss")
+            for k, v in r.items():
+                out[k] = out.get(k, 0.0) + float(v) * ids[b:b + batch].shape[0] / ids.shape[0]
     return out
 
 
+def numbers(r: dict) -> str:
+    return (f"held-out policy NLL of the true continuation {r['true']:.3f} per token, of the next token "
+            f"{r['first']:.3f}; the state after that thought predicts the next token at {r['reader_first']:.3f} "
+            f"(base model without a thought {r['base']:.3f})")
+
+
 def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: int, lr: float, pad: int,
-        log=print) -> list[float]:
+        log=print, eot: bool = False) -> list[float]:
     """Adam on the <sot> row of model.thought_embeds alone (everything else frozen) for `steps`
-    batches of `stream`. -> the training loss of every step."""
+    batches of `stream`; with `eot` also the <eot> row, on the reader's NLL after the true
+    continuation (added to the loss). -> the training loss of every step."""
     for p in model.parameters():
         p.requires_grad_(False)
     w = model.thought_embeds                                                          # (2, H)
@@ -108,13 +128,16 @@ def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: in
     losses = []
     for step in range(steps):
         ids, mask = stream.next_batch(batch)
-        loss = policy_nll(model, cfg, ids, mask, pad)["loss"]
+        r = policy_nll(model, cfg, ids, mask, pad, with_reader=eot)
+        loss = r["loss"] + r["reader"] if eot else r["loss"]
         opt.zero_grad()
         loss.backward()
-        w.grad[1].zero_()          # <eot> gets none anyway (thought tokens never see it); Adam leaves it
+        if not eot:
+            w.grad[1].zero_()      # only the reader term reaches <eot>: without it, Adam leaves it
         opt.step()
         losses.append(float(loss.detach()))
-        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {losses[-1]:.3f} per token")
+        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {float(r['loss']):.3f} per token"
+            + (f", reader NLL after it {float(r['reader']):.3f}" if eot else ""))
     return losses
 
 
@@ -133,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no_pack", action="store_true", help="documents' first seq_len tokens (data.pack false)")
     ap.add_argument("--thought_len", type=int, default=8)
     ap.add_argument("--talk_len", type=int, default=4)
+    ap.add_argument("--eot", action="store_true", help="also fit <eot>: the reader's NLL of the talk targets "
+                    "after the true continuation as the thought (added to the loss; needs the run's --talk_positions)")
+    ap.add_argument("--talk_positions", default="after_thought", choices=["after_thought", "resume"],
+                    help="thought.talk_positions of the runs that will use the file (where the reader sits)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4, help="windows per step")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the <sot> vector")
@@ -154,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = DataConfig(source=args.data, seq_len=args.seq_len, pack=not args.no_pack, seed=seeds[0])
         e = EvalConfig(sequences=args.windows)
-        cfg = ThoughtConfig(n_thoughts=1, thought_len=args.thought_len, talk_len=args.talk_len)
+        cfg = ThoughtConfig(n_thoughts=1, thought_len=args.thought_len, talk_len=args.talk_len,
+                            talk_positions=args.talk_positions)
         loaded = load_model(args.model)
         model, tok = loaded.model, loaded.tokenizer
         if not isinstance(model, QuietStarModel) or loaded.run_config is not None:
@@ -175,17 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     t0 = time.perf_counter()
     before = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
-    print(f"[fit] before ({args.init!r}): held-out policy NLL of the true continuation {before['true']:.3f} per "
-          f"token, of the next token {before['first']:.3f} (base model without a thought {before['base']:.3f})",
-          flush=True)
+    print(f"[fit] before ({args.init!r}): {numbers(before)}", flush=True)
     losses = fit(model, cfg, stream, args.steps, args.batch, args.lr, pad,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 log=lambda s: print(s, file=sys.stderr, flush=True), eot=args.eot)
     after = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
-    print(f"[fit] after {args.steps} steps: held-out policy NLL of the true continuation {after['true']:.3f} per "
-          f"token, of the next token {after['first']:.3f} (base model without a thought {after['base']:.3f}); "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"[fit] after {args.steps} steps: {numbers(after)}; {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {"model": args.model, "data": args.data, "data_seeds": seeds, "init": args.init, "seq_len": args.seq_len,
-            "pack": not args.no_pack, "thought_len": args.thought_len, "talk_len": args.talk_len, "steps": args.steps,
+            "pack": not args.no_pack, "thought_len": args.thought_len, "talk_len": args.talk_len,
+            "talk_positions": args.talk_positions, "eot": args.eot, "steps": args.steps,
             "batch": args.batch, "lr": args.lr, "before": before, "after": after, "losses": losses}
     save_file({MARKER_KEY: model.thought_embeds.detach().float().contiguous()}, args.out,
               metadata={"qstar_ds": json.dumps(meta)})
