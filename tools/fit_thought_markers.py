@@ -136,8 +136,8 @@ def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: in
             w.grad[1].zero_()      # only the reader term reaches <eot>: without it, Adam leaves it
         opt.step()
         losses.append(float(loss.detach()))
-        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {float(r['loss']):.3f} per token"
-            + (f", reader NLL after it {float(r['reader']):.3f}" if eot else ""))
+        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {float(r['loss'].detach()):.3f} per token"
+            + (f", reader NLL after it {float(r['reader'].detach()):.3f}" if eot else ""))
     return losses
 
 
