@@ -3,9 +3,9 @@
     python tools/thought_init_probe.py --data ../shared/data/owm_sample/text.jsonl --init "---" --init " —"
 
 For each init text (its first token's embedding starts <|startofthought|> and <|endofthought|>, as
-model.thought_init does; or each --init_file, as model.thought_init_file does), on the held-out windows a run with these data settings scores (data.seed
-0, packed unless --no_pack): one thought sampled at --temperature after every position whose
-K-token window fits, and
+model.thought_init does; or each --init_file, as model.thought_init_file does), on the held-out
+windows a run with these data settings scores (data.seed 0, packed unless --no_pack): one thought
+sampled at --temperature after every position whose K-token window fits, and
 
   newline   the share of thoughts whose first token starts with a newline: a new paragraph
             rather than the text going on
