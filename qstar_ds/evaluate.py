@@ -21,6 +21,8 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   with a 95% CI over sequences, the gain by base-NLL decile and over the K-token window.
   --nll_heldout (with --model a training checkpoint or run directory): the run's own held-out
   sequences (its data.* and eval.* settings), text it never trained on.
+  The JSON holds each sequence's NLL with and without thoughts (sequence_nll_*, in file order, as
+  the trainer's eval/step_*.json), so two checkpoints scored on the same text compare paired.
   --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
   position of another sequence (the previous one): does the model use what it thought, or only
   that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
@@ -42,10 +44,11 @@ import torch
 from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
-from .heldout import content_effect, line as heldout_line, summarize, token_scores
+from .heldout import content_effect, line as heldout_line, sequence_nll, summarize, token_scores
 from .layout import Layout
 from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
+from .schedule import rank_major_order
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
 
@@ -296,13 +299,17 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
                 every[r::world] = part
         other = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed, progress=rank == 0,
                            thoughts=every.roll(1, dims=0)[rank::world], index=mine_index)
-    if world > 1:
+    if world > 1:   # rank q scored sequences q, q + world, ...: back to 0..D-1
         parts = distributed.gather_objects((mine, other))
-        mine, other = ({k: torch.cat([p[i][k] for p in parts]) for k in parts[0][i]} if parts[0][i] else None
+        order = torch.tensor(rank_major_order(ids.shape[0], world)[1])
+        mine, other = ({k: torch.cat([p[i][k] for p in parts])[order] for k in parts[0][i]} if parts[0][i] else None
                        for i in (0, 1))
     m = summarize(mine, ecfg.talk_len)
     if other is not None:
         m["shuffled"] = content_effect(mine, other)
+    # per sequence, in file order: the values the trainer's eval/step_*.json holds, for paired comparisons
+    m.update({f"sequence_nll_{name}{tail}": sequence_nll(mine, th, skip_first=skip).tolist()
+              for name, th in (("base", False), ("thoughts", True)) for tail, skip in (("", False), ("_rest", True))})
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
              thoughts="filler" if filler_id is not None else "sampled", seconds=time.perf_counter() - t0)
     return m

@@ -185,6 +185,10 @@ def test_evaluate_cli_one_and_two_ranks_agree(saved_model, tmp_path):
     assert n1["sequences"] == n2["sequences"] == 5
     for key in ("nll_base", "nll_mixed", "gain"):
         assert math.isclose(n1[key], n2[key], rel_tol=1e-4, abs_tol=1e-7), key
+    for key in ("sequence_nll_base", "sequence_nll_thoughts", "sequence_nll_thoughts_rest"):   # in file order
+        assert len(n1[key]) == len(n2[key]) == 5 and n1[key] == pytest.approx(n2[key], rel=1e-4, abs=1e-7), key
+    for key in ("content_gain_sequences",):
+        assert n1["shuffled"][key] == pytest.approx(n2["shuffled"][key], rel=1e-3, abs=1e-6), key
     for key in ("content_gain", "content_gain_rest", "nll_mixed_other"):
         assert math.isclose(n1["shuffled"][key], n2["shuffled"][key], rel_tol=1e-3, abs_tol=1e-6), key
     assert n1["shuffled"]["content_gain"] != 0

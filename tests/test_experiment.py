@@ -62,6 +62,21 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     # again: nothing left to run
     again = run([TOOL, *common, "--seeds", "0,1"])
     assert again.stdout.count("done earlier") == 6 and "content check, quiet_star" not in again.stdout
+    # quiet_star rescored at another temperature, paired with the controls sequence by sequence
+    hot = run([TOOL, *common, "--seeds", "0,1", "--rescore_temperature", "1"]).stdout
+    assert hot.count("done earlier") == 6 and hot.count("content check, quiet_star") == 2
+    assert "rescored with thoughts sampled at temperature 1" in hot
+    assert "quiet_star (with thoughts, T 1) - filler (best): " in hot and "over 12 (seed, sequence) pairs" in hot
+    rs = json.loads((out / "summary.json").read_text())["rescore"]
+    assert rs["temperature"] == 1 and rs["compare"]["off"]["n"] == rs["content"]["n"] == 12
+    for seed in (0, 1):
+        check = json.loads((out / f"quiet_star_s{seed}" / "content_T1.json").read_text())["nll"]
+        ev = json.loads((out / f"quiet_star_s{seed}" / "eval" / "step_00000004.json").read_text())
+        assert check["temperature"] == 1
+        assert all(abs(a - b) < 1e-5 for a, b in zip(check["sequence_nll_base"], ev["sequence_nll_base"]))
+        off = json.loads((out / f"off_s{seed}" / "eval" / "step_00000004.json").read_text())
+        d = [q - o for q, o in zip(check["sequence_nll_thoughts"], off["sequence_nll_thoughts"])]
+        assert abs(sum(d) / len(d) - rs["compare"]["off"]["per_seed"][str(seed)][0]) < 1e-9
 
 
 def test_report_regenerates_from_a_run(tmp_path):

@@ -105,20 +105,29 @@ def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):
 def test_evaluate_scores_a_checkpoint_on_its_runs_heldout_text(tmp_path):
     """python -m qstar_ds.evaluate --model RUN --tasks nll --nll_heldout scores the sequences the
     run's own evaluation scored: in filler mode (nothing sampled) the same numbers from the saved
-    checkpoint as the trainer's last evaluation."""
+    checkpoint as the trainer's last evaluation, and the same per-sequence NLLs in the same order
+    (on one rank and on two, where the ranks score sequences 0, 2, 4 and 1, 3), so a checkpoint
+    rescored by evaluate pairs with another run's evaluation sequence by sequence."""
     import subprocess
     import sys
     run = run_worker(tmp_path, "run", 1, {"thought.mode": "filler", "eval.sequences": 5, "eval.batch_size": 2,
                                           "train.save_every": 2})
-    out = tmp_path / "r.json"
-    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "run"), "--tasks",
-                          "nll", "--nll_heldout", "--talk_len", str(run["eval"]["talk_len"]), "--output", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(out.read_text())["nll"]
-    assert got["sequences"] == run["eval"]["sequences"] == 5 and got["thoughts"] == "filler"
-    for key in ("nll_base", "nll_mixed", "gain", "gain_win"):
-        assert got[key] == pytest.approx(run["eval"][key], rel=1e-5, abs=1e-7), key
+    record = json.loads((tmp_path / "run" / "eval" / "step_00000002.json").read_text())
+    for nproc in (1, 2):
+        out = tmp_path / f"r{nproc}.json"
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if nproc == 2 else [])
+        res = subprocess.run(launch + ["-m", "qstar_ds.evaluate", "--model", str(tmp_path / "run"), "--tasks", "nll",
+                                       "--nll_heldout", "--talk_len", str(run["eval"]["talk_len"]), "--batch_size", "1",
+                                       "--output", str(out)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = json.loads(out.read_text())["nll"]
+        assert got["sequences"] == run["eval"]["sequences"] == 5 and got["thoughts"] == "filler"
+        for key in ("nll_base", "nll_mixed", "gain", "gain_win"):
+            assert got[key] == pytest.approx(run["eval"][key], rel=1e-5, abs=1e-7), (nproc, key)
+        for key in ("sequence_nll_base", "sequence_nll_thoughts", "sequence_nll_base_rest",
+                    "sequence_nll_thoughts_rest"):
+            assert len(got[key]) == 5 and got[key] == pytest.approx(record[key], rel=1e-5, abs=1e-7), (nproc, key)
+    assert len(set(record["sequence_nll_thoughts"])) == 5, "the sequences must differ for the order to be tested"
     # a base model has no run, so no held-out text: one line before anything is loaded
     res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", "tiny-llama", "--tasks", "nll",
                           "--nll_heldout"], capture_output=True, text=True, timeout=600)

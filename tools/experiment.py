@@ -20,6 +20,12 @@ thought sampled at the same position of another held-out sequence (`python -m qs
 uses what it thought predicts better with its own thoughts; the pause-token effect (extra
 computation, a learned correction) survives the swap. Written to OUT/quiet_star_s<s>/content.json.
 
+--rescore_temperature T: also score each quiet_star final checkpoint (the same way, with the
+content check) with thoughts sampled at T, e.g. the training temperature, and compare it with the
+controls again, paired by held-out sequence (evaluate.py writes each sequence's NLL in order).
+The controls need no rescoring: filler thoughts are fixed and off has none, so their predictions
+do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>.json.
+
 Prints a table (per arm: held-out NLL without / with thoughts, the gain with its 95% CI, the gain
 on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
 comparisons that decide the question: quiet_star's NLL with thoughts minus each control's best
@@ -80,19 +86,21 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
     return ev
 
 
-def content_check(args, seed: int, ev: dict) -> dict | None:
+def content_check(args, seed: int, ev: dict, temperature: float | None = None) -> dict | None:
     """The shuffled-thought check of quiet_star seed `seed` (evaluate.py's nll_shuffled_thoughts on
-    the run's held-out text), from its final checkpoint; done once (content.json)."""
+    the run's held-out text), from its final checkpoint, with thoughts sampled at `temperature`
+    (default: the run's evaluation temperature); done once (content.json, content_T<T>.json)."""
     out = os.path.join(args.out, f"quiet_star_s{seed}")
-    path = os.path.join(out, "content.json")
+    m = ev["summary"]
+    path = os.path.join(out, "content.json" if temperature is None else f"content_T{temperature:g}.json")
     if not os.path.isfile(path):
         ckpt = os.path.join(out, "checkpoints", f"step_{args.steps:08d}")
         if not os.path.isdir(ckpt):
             print(f"[experiment] content check of quiet_star seed {seed} skipped: no checkpoint {ckpt}", flush=True)
             return None
-        m = ev["summary"]
+        temp = m["temperature"] if temperature is None else temperature
         cmd = [sys.executable, "-m", "qstar_ds.evaluate", "--model", ckpt, "--tasks", "nll", "--nll_heldout",
-               "--nll_shuffled_thoughts", "--thought_temperature", str(m["temperature"]), "--talk_len",
+               "--nll_shuffled_thoughts", "--thought_temperature", str(temp), "--talk_len",
                str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed), "--output", path]
         print(f"[experiment] content check, quiet_star seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         with open(os.path.join(out, "experiment_run.log"), "a") as log:
@@ -101,7 +109,23 @@ def content_check(args, seed: int, ev: dict) -> dict | None:
             raise SystemExit(f"[experiment] content check of quiet_star seed {seed} failed (exit {res.returncode}); "
                              f"see {os.path.join(out, 'experiment_run.log')}")
     with open(path) as f:
-        return json.load(f)["nll"]
+        check = json.load(f)["nll"]
+    mine, run_base = check.get("sequence_nll_base"), ev.get("sequence_nll_base")
+    if mine is not None and run_base is not None and (
+            len(mine) != len(run_base) or max(abs(a - b) for a, b in zip(mine, run_base)) > 1e-3):
+        # the base prediction does not depend on thoughts: another value means other sequences
+        raise SystemExit(f"[experiment] {path}: its held-out sequences are not the ones the run's final evaluation "
+                         f"scored (base NLL per sequence differs); delete it and rerun")
+    return check
+
+
+def rescored(evs: dict, checks: dict) -> dict:
+    """The final evaluations with quiet_star's per-sequence NLLs with thoughts replaced by its
+    rescoring (`checks`: seed -> evaluate.py's nll result at another temperature)."""
+    out = dict(evs)
+    for s, c in checks.items():
+        out[("quiet_star", s)] = {**evs[("quiet_star", s)], BEST: c[BEST], BEST_REST: c[BEST_REST]}
+    return out
 
 
 def content_summary(checks: dict) -> dict:
@@ -168,6 +192,18 @@ def compare(evs: dict, arms: list[str], seeds: list[int], key: str = BEST) -> di
     return out
 
 
+def compare_lines(cmp: dict, cmp_rest: dict, note: str = "") -> list[str]:
+    lines = []
+    for what, res in (("", cmp), (", without each sequence's first scored token", cmp_rest)):
+        for ctrl, c in res.items():
+            m, lo, hi = c["pooled"]
+            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
+            seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
+            lines.append(f"quiet_star (with thoughts{note}) - {ctrl} (best){what}: {m:+.4f} nats/token, 95% CI "
+                         f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
+    return lines
+
+
 def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict, cmp_rest: dict) -> str:
     head = (f"{'arm':<11} {'seed':>4}  {'NLL base':>9} {'NLL w/ th':>9}  {'gain':>8} {'95% CI':>19}  "
             f"{'hard10':>8}  {'w':>7}  {'tasks (soft, base -> thoughts)'}")
@@ -181,14 +217,7 @@ def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict, cmp_rest: dic
             lines.append(f"{a:<11} {s:>4}  {m['nll_base']:9.4f} {m['nll_mixed']:9.4f}  {m['gain']:+8.4f} "
                          f"[{lo:+.4f}, {hi:+.4f}]  {m.get('gain_hard10', float('nan')):+8.4f}  {m['mix_w']:7.4f}  {tasks}")
     lines.append("")
-    for what, res in (("", cmp), (", without each sequence's first scored token", cmp_rest)):
-        for ctrl, c in res.items():
-            m, lo, hi = c["pooled"]
-            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
-            seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
-            lines.append(f"quiet_star (with thoughts) - {ctrl} (best){what}: {m:+.4f} nats/token, 95% CI "
-                         f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
-    return "\n".join(lines)
+    return "\n".join(lines + compare_lines(cmp, cmp_rest))
 
 
 def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: str) -> None:
@@ -255,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        '"torchrun --nproc_per_node 8"')
     ap.add_argument("--no_content_check", action="store_true",
                     help="skip scoring each quiet_star checkpoint with another sequence's thoughts")
+    ap.add_argument("--rescore_temperature", type=float, default=None,
+                    help="also score each quiet_star checkpoint with thoughts sampled at this temperature (e.g. "
+                         "the training one) and compare with the controls again, paired")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -263,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         bad.append(f"--seeds={args.seeds!r}")
         seeds = []
+    if args.rescore_temperature is not None and not args.rescore_temperature > 0:
+        bad.append(f"--rescore_temperature={args.rescore_temperature} (must be > 0)")
     if bad or not arms or not seeds or args.steps < 1:
         print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS}",
               file=sys.stderr)
@@ -280,6 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         if checks:
             content = content_summary(checks)
             text += "\n" + "\n".join(content_lines(content))
+    rescore = None
+    if "quiet_star" in arms and args.rescore_temperature is not None:
+        T = args.rescore_temperature
+        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)], T)) is not None}
+        if checks:
+            again = rescored(evs, checks)
+            rs = {"temperature": T, "compare": compare(again, arms, list(checks), BEST),
+                  "compare_rest": compare(again, arms, list(checks), BEST_REST), "content": content_summary(checks),
+                  "nll_thoughts": {s: c["nll_mixed"] for s, c in checks.items()}}
+            text += (f"\n\nquiet_star rescored with thoughts sampled at temperature {T:g} (evaluate.py; the controls "
+                     f"do not sample): NLL with thoughts " + ", ".join(f"seed {s} {v:.4f}" for s, v in
+                                                                     rs["nll_thoughts"].items()) + "\n" +
+                     "\n".join(compare_lines(rs["compare"], rs["compare_rest"], f", T {T:g}") +
+                               content_lines(rs["content"])))
+            rescore = {**rs, **{k: {c: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
+                                        "n": v["n"]} for c, v in rs[k].items()} for k in ("compare", "compare_rest")}}
     print(text)
     png = os.path.join(args.out, "experiment.png")
     plot(args, arms, seeds, evs, cmp, png)
@@ -291,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                    **{name: {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                  "n": v["n"]} for k, v in res.items()}
                       for name, res in (("compare", cmp), ("compare_rest", cmp_rest))},
-                   "content": content,
+                   "content": content, "rescore": rescore,
                    "seconds": secs, "table": text}, f, indent=1)
     print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
     return 0
