@@ -23,6 +23,8 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   sequences (its data.* and eval.* settings), text it never trained on.
   The JSON holds each sequence's NLL with and without thoughts (sequence_nll_*, in file order, as
   the trainer's eval/step_*.json), so two checkpoints scored on the same text compare paired.
+  --nll_thought_samples K: K thoughts per position, the K mixed predictions averaged (a mixture:
+  is the content useful once a single draw's noise is averaged out? K times the compute).
   --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
   position of another sequence (the previous one): does the model use what it thought, or only
   that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
@@ -44,13 +46,17 @@ import torch
 from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
-from .heldout import content_effect, line as heldout_line, sequence_nll, summarize, token_scores
+from .heldout import content_effect, line as heldout_line, mixture, sequence_nll, summarize, token_scores
 from .layout import Layout
 from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
 from .schedule import rank_major_order
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
+
+
+DRAW_SEED_STRIDE = 1_000_003
+"""nll with k thoughts per position: draw j samples with seed + j * this."""
 
 
 @dataclass
@@ -284,21 +290,27 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
                         "content to shuffle")
     if shuffled and ids.shape[0] < 2:
         raise TaskError(f"--nll_shuffled_thoughts needs >= 2 sequences; {path} gives {ids.shape[0]}")
+    # filler thoughts are fixed: more draws would be the same draw again
+    draws = 1 if filler_id is not None else getattr(args, "nll_thought_samples", 1)
     t0 = time.perf_counter()
     mine_index = torch.arange(ids.shape[0])[rank::world]
-    mine = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed, filler_id,
-                      progress=rank == 0, index=mine_index)
-    other = None
-    if shuffled:
-        # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
-        th = mine["thoughts"]                                                   # (D / world, P, t)
-        every = th
-        if world > 1:
-            every = th.new_empty((ids.shape[0],) + th.shape[1:])               # (D, P, t)
-            for r, part in enumerate(distributed.gather_objects(th)):
-                every[r::world] = part
-        other = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed, progress=rank == 0,
-                           thoughts=every.roll(1, dims=0)[rank::world], index=mine_index)
+    mine_draws, other_draws = [], []
+    for j in range(draws):
+        one = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed + j * DRAW_SEED_STRIDE,
+                         filler_id, progress=rank == 0, index=mine_index)
+        mine_draws.append(one)
+        if shuffled:
+            # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
+            th = one["thoughts"]                                                # (D / world, P, t)
+            every = th
+            if world > 1:
+                every = th.new_empty((ids.shape[0],) + th.shape[1:])           # (D, P, t)
+                for r, part in enumerate(distributed.gather_objects(th)):
+                    every[r::world] = part
+            other_draws.append(nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed,
+                                          progress=rank == 0, thoughts=every.roll(1, dims=0)[rank::world],
+                                          index=mine_index))
+    mine, other = mixture(mine_draws), mixture(other_draws) if other_draws else None
     if world > 1:   # rank q scored sequences q, q + world, ...: back to 0..D-1
         parts = distributed.gather_objects((mine, other))
         order = torch.tensor(rank_major_order(ids.shape[0], world)[1])
@@ -311,7 +323,8 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
     m.update({f"sequence_nll_{name}{tail}": sequence_nll(mine, th, skip_first=skip).tolist()
               for name, th in (("base", False), ("thoughts", True)) for tail, skip in (("", False), ("_rest", True))})
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
-             thoughts="filler" if filler_id is not None else "sampled", seconds=time.perf_counter() - t0)
+             thoughts="filler" if filler_id is not None else "sampled", thought_samples=draws,
+             seconds=time.perf_counter() - t0)
     return m
 
 
@@ -402,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nll_shuffled_thoughts", action="store_true",
                     help="nll: also score every position with the thought sampled at the same position of "
                          "another sequence: how much of the gain is the thought's content")
+    ap.add_argument("--nll_thought_samples", type=int, default=1, metavar="K",
+                    help="nll: sample K thoughts per position (draw j with seed + j * 1000003) and score the "
+                         "average of the K mixed predictions (K times the compute; filler thoughts: one draw)")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
     rank, world = distributed.join_launcher_group()
@@ -422,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             files[task] = path
         for name, v in [("limit", args.limit), ("batch_size", args.batch_size), ("cot_samples", args.cot_samples),
                         ("cot_max_tokens", args.cot_max_tokens), ("max_answer_tokens", args.max_answer_tokens),
-                        ("nll_sequences", args.nll_sequences), ("talk_len", args.talk_len)]:
+                        ("nll_sequences", args.nll_sequences), ("talk_len", args.talk_len),
+                        ("nll_thought_samples", args.nll_thought_samples)]:
             if v is not None and v < 1:
                 raise TaskError(f"--{name}={v}: must be >= 1")
         if args.nll_seq_len < args.talk_len + 1:
@@ -484,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nll {nll_file}: {nll['nll_base']:.4f} nats/token without thoughts over {nll['sequences']} "
                       f"sequences ({nll['tokens']} tokens)")
             else:
-                print(heldout_line(f"nll {nll_file}:", nll))
+                k = nll["thought_samples"]
+                print(heldout_line(f"nll {nll_file}" + (f" ({k} thoughts per position, mixed predictions averaged)"
+                                                        if k > 1 else "") + ":", nll))
                 if "shuffled" in nll:
                     print(content_line(nll["shuffled"]))
         print(f"results: {args.output}")

@@ -117,6 +117,22 @@ def content_effect(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor])
     return out
 
 
+def mixture(draws: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """token_scores of the same sequences with k independently sampled thoughts per position ->
+    the scores of the average of the k mixed predictions (probabilities averaged, not log-probs:
+    p = (p_1 + ... + p_k) / k, for the next token and for the K-token window's joint
+    probability); the base prediction is the same in every draw; w: the mean; thoughts: the first
+    draw's. By Jensen, never worse than the mean log-prob of the draws."""
+    if len(draws) == 1:
+        return draws[0]
+    log_k = math.log(len(draws))
+    out = dict(draws[0])
+    for key in ("mixed", "mixed_win"):
+        out[key] = torch.logsumexp(torch.stack([d[key] for d in draws]), 0) - log_k
+    out["w"] = torch.stack([d["w"] for d in draws]).mean(0)
+    return out
+
+
 def first_valid(valid: torch.Tensor) -> torch.Tensor:
     """(D, P) bool -> (D, P) bool: only each sequence's first valid position."""
     v = valid.bool()

@@ -228,11 +228,57 @@ def test_nll_scores_feed_the_thoughts_given(saved_model):
     assert content_effect(own, again)["content_gain"] == pytest.approx(0, abs=1e-6)
 
 
+def test_nll_with_k_thoughts_scores_the_average_of_the_k_mixed_predictions(saved_model):
+    """--nll_thought_samples 2: each position's mixed next-token probability is the mean of the
+    two draws' (draw j sampled with seed + j * DRAW_SEED_STRIDE), by hand token by token; the
+    shuffled check averages the two draws' swapped thoughts the same way; one draw is the plain
+    evaluation."""
+    from types import SimpleNamespace
+
+    from qstar_ds.evaluate import DRAW_SEED_STRIDE, nll_scores, run_nll
+    from qstar_ds.loading import load_model
+    loaded = load_model(saved_model)
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=4, talk_len=2, temperature=1.0)
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+
+    def args(k):
+        return SimpleNamespace(nll_seq_len=12, nll_sequences=3, text_field="text", talk_len=2, batch_size=2, seed=7,
+                               nll_shuffled_thoughts=True, nll_thought_samples=k)
+    one_cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2, temperature=1.0)
+    draws = [nll_scores(loaded.model, one_cfg, ids, mask, 2, 7 + j * DRAW_SEED_STRIDE) for j in (0, 1)]
+    assert not torch.equal(draws[0]["thoughts"], draws[1]["thoughts"])
+    others = [nll_scores(loaded.model, one_cfg, ids, mask, 2, 0, thoughts=d["thoughts"].roll(1, dims=0)) for d in draws]
+    valid = draws[0]["valid"].bool()
+
+    def by_hand(pair):
+        out = []
+        for d in range(3):
+            vals = [math.log((math.exp(float(pair[0]["mixed"][d, p])) + math.exp(float(pair[1]["mixed"][d, p]))) / 2)
+                    for p in range(valid.shape[1]) if valid[d, p]]
+            out.append(-sum(vals) / len(vals))
+        return out
+    got = run_nll(loaded.model, loaded.tokenizer, cfg, "x", args(2), None, 0, 1, (ids, mask))
+    assert got["thought_samples"] == 2
+    assert got["sequence_nll_thoughts"] == pytest.approx(by_hand(draws), rel=1e-6)
+    single = run_nll(loaded.model, loaded.tokenizer, cfg, "x", args(1), None, 0, 1, (ids, mask))
+    want = [-float(draws[0]["mixed"][d][valid[d]].mean()) for d in range(3)]
+    assert single["sequence_nll_thoughts"] == pytest.approx(want, rel=1e-6)
+    other_nll = sum(by_hand(others)) / 3
+    assert got["shuffled"]["nll_mixed_other"] == pytest.approx(other_nll, rel=1e-6)
+    assert got["sequence_nll_base"] == single["sequence_nll_base"]
+    # a mixture of the draws never scores worse than the mean of the draws' log-probs
+    mean_draw = [-float((draws[0]["mixed"] + draws[1]["mixed"])[d][valid[d]].mean()) / 2 for d in range(3)]
+    assert all(a <= b + 1e-9 for a, b in zip(got["sequence_nll_thoughts"], mean_draw))
+
+
 def test_evaluate_cli_errors(tmp_path):
     for args, want in [(["--tasks", "mmlu"], "unknown task 'mmlu'"),
                        (["--data", f"gsm8k={tmp_path}/none.jsonl", "--tasks", "gsm8k"], "none.jsonl not found"),
                        (["--data", "gsm8k", "--tasks", "gsm8k"], "TASK=FILE"),
                        (["--limit", "0"], "--limit=0"),
+                       (["--tasks", "nll", "--nll_thought_samples", "0"], "--nll_thought_samples=0"),
                        (["--model", "/no/such/dir"], "/no/such/dir")]:
         res = _evaluate(["--model", "tiny-llama"] + args)
         assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

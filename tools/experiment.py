@@ -22,9 +22,11 @@ computation, a learned correction) survives the swap. Written to OUT/quiet_star_
 
 --rescore_temperature T: also score each quiet_star final checkpoint (the same way, with the
 content check) with thoughts sampled at T, e.g. the training temperature, and compare it with the
-controls again, paired by held-out sequence (evaluate.py writes each sequence's NLL in order).
+controls again, paired by held-out sequence (evaluate.py writes each sequence's NLL in order);
+with --rescore_samples K, K thoughts per position and the K mixed predictions averaged (K times
+the compute; evaluate.py --nll_thought_samples).
 The controls need no rescoring: filler thoughts are fixed and off has none, so their predictions
-do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>.json.
+do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>[_k<K>].json.
 
 Prints a table (per arm: held-out NLL without / with thoughts, the gain with its 95% CI, the gain
 on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
@@ -86,13 +88,15 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
     return ev
 
 
-def content_check(args, seed: int, ev: dict, temperature: float | None = None) -> dict | None:
+def content_check(args, seed: int, ev: dict, temperature: float | None = None, samples: int = 1) -> dict | None:
     """The shuffled-thought check of quiet_star seed `seed` (evaluate.py's nll_shuffled_thoughts on
     the run's held-out text), from its final checkpoint, with thoughts sampled at `temperature`
-    (default: the run's evaluation temperature); done once (content.json, content_T<T>.json)."""
+    (default: the run's evaluation temperature), `samples` per position averaged; done once
+    (content.json, content_T<T>.json, content_T<T>_k<samples>.json)."""
     out = os.path.join(args.out, f"quiet_star_s{seed}")
     m = ev["summary"]
-    path = os.path.join(out, "content.json" if temperature is None else f"content_T{temperature:g}.json")
+    name = "content" if temperature is None else f"content_T{temperature:g}" + (f"_k{samples}" if samples > 1 else "")
+    path = os.path.join(out, name + ".json")
     if not os.path.isfile(path):
         ckpt = os.path.join(out, "checkpoints", f"step_{args.steps:08d}")
         if not os.path.isdir(ckpt):
@@ -101,7 +105,7 @@ def content_check(args, seed: int, ev: dict, temperature: float | None = None) -
         temp = m["temperature"] if temperature is None else temperature
         cmd = [sys.executable, "-m", "qstar_ds.evaluate", "--model", ckpt, "--tasks", "nll", "--nll_heldout",
                "--nll_shuffled_thoughts", "--thought_temperature", str(temp), "--talk_len",
-               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed), "--output", path]
+               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed), "--nll_thought_samples", str(samples), "--output", path]
         print(f"[experiment] content check, quiet_star seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         with open(os.path.join(out, "experiment_run.log"), "a") as log:
             res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -287,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rescore_temperature", type=float, default=None,
                     help="also score each quiet_star checkpoint with thoughts sampled at this temperature (e.g. "
                          "the training one) and compare with the controls again, paired")
+    ap.add_argument("--rescore_samples", type=int, default=1, metavar="K",
+                    help="with --rescore_temperature: K thoughts per position, the mixed predictions averaged")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -297,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = []
     if args.rescore_temperature is not None and not args.rescore_temperature > 0:
         bad.append(f"--rescore_temperature={args.rescore_temperature} (must be > 0)")
+    if args.rescore_samples < 1:
+        bad.append(f"--rescore_samples={args.rescore_samples} (must be >= 1)")
     if bad or not arms or not seeds or args.steps < 1:
         print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS}",
               file=sys.stderr)
@@ -317,16 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     rescore = None
     if "quiet_star" in arms and args.rescore_temperature is not None:
         T = args.rescore_temperature
-        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)], T)) is not None}
+        K = args.rescore_samples
+        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)], T, K)) is not None}
         if checks:
             again = rescored(evs, checks)
-            rs = {"temperature": T, "compare": compare(again, arms, list(checks), BEST),
+            rs = {"temperature": T, "samples": K, "compare": compare(again, arms, list(checks), BEST),
                   "compare_rest": compare(again, arms, list(checks), BEST_REST), "content": content_summary(checks),
                   "nll_thoughts": {s: c["nll_mixed"] for s, c in checks.items()}}
-            text += (f"\n\nquiet_star rescored with thoughts sampled at temperature {T:g} (evaluate.py; the controls "
-                     f"do not sample): NLL with thoughts " + ", ".join(f"seed {s} {v:.4f}" for s, v in
+            each = f", {K} per position, mixed predictions averaged" if K > 1 else ""
+            text += (f"\n\nquiet_star rescored with thoughts sampled at temperature {T:g}{each} (evaluate.py; the "
+                     f"controls do not sample): NLL with thoughts " + ", ".join(f"seed {s} {v:.4f}" for s, v in
                                                                      rs["nll_thoughts"].items()) + "\n" +
-                     "\n".join(compare_lines(rs["compare"], rs["compare_rest"], f", T {T:g}") +
+                     "\n".join(compare_lines(rs["compare"], rs["compare_rest"], f", T {T:g}" + (f", {K} averaged" if K > 1 else "")) +
                                content_lines(rs["content"])))
             rescore = {**rs, **{k: {c: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                         "n": v["n"]} for c, v in rs[k].items()} for k in ("compare", "compare_rest")}}
