@@ -25,6 +25,9 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   the trainer's eval/step_*.json), so two checkpoints scored on the same text compare paired.
   --nll_thought_samples K: K thoughts per position, the K mixed predictions averaged (a mixture:
   is the content useful once a single draw's noise is averaged out? K times the compute).
+  --nll_read_mix W,...: also the next token under (1 - w) p_base + w p_read for fixed weights w,
+  p_read the state after the thought alone: a mixture of the two distributions, in which a wrong
+  thought costs at most -log(1 - w) (the mixing head mixes hidden states, i.e. logits).
   --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
   position of another sequence (the previous one): does the model use what it thought, or only
   that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
@@ -46,7 +49,8 @@ import torch
 from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
-from .heldout import content_effect, line as heldout_line, mixture, sequence_nll, summarize, token_scores
+from .heldout import (content_effect, line as heldout_line, mean_ci as heldout_mean_ci, mixture, read_mix,
+                      sequence_nll, summarize, token_scores)
 from .layout import Layout
 from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
@@ -229,12 +233,14 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, settings
 @torch.no_grad()
 def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int,
                filler_id: int | None = None, progress: bool = False,
-               thoughts: torch.Tensor | None = None, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               thoughts: torch.Tensor | None = None, index: torch.Tensor | None = None,
+               read: bool = False) -> dict[str, torch.Tensor]:
     """heldout.token_scores of sequences (D, n), one thought per position (the filler thought
     for a model trained with filler thoughts; `thoughts` (D, P, t): these) -> tensors (D, P),
     and "thoughts" (D, P, t), the thoughts scored. Each batch samples with seed + the index (in
     `index` (D,), default 0..D-1) of its first sequence: with batch size 1 every sequence draws
-    the same thoughts however the file is split over ranks."""
+    the same thoughts however the file is split over ranks. `read`: also "read", the post-thought
+    state's own log-prob of the next token."""
     from tqdm import tqdm
     dev = model.lm_head.weight.device
     positions = default_positions(ids.shape[1], cfg.talk_len, dev)
@@ -247,8 +253,9 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
             fixed = thoughts[a:a + batch_size].to(dev)
         first = a if index is None else int(index[a])
         ro = rollout(model, cfg, x, x_mask, positions, torch.Generator(device=dev).manual_seed(seed + first),
-                     base_logprobs=True, thoughts=fixed)
-        for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w).items():
+                     base_logprobs=True, thoughts=fixed, read_logprobs_too=read)
+        for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w,
+                                 read_logp=ro.read_logp).items():
             parts.setdefault(k, []).append(v.cpu())
         parts.setdefault("thoughts", []).append(ro.thoughts.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -292,12 +299,13 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
         raise TaskError(f"--nll_shuffled_thoughts needs >= 2 sequences; {path} gives {ids.shape[0]}")
     # filler thoughts are fixed: more draws would be the same draw again
     draws = 1 if filler_id is not None else getattr(args, "nll_thought_samples", 1)
+    mix_ws = getattr(args, "nll_read_mix", None) or []
     t0 = time.perf_counter()
     mine_index = torch.arange(ids.shape[0])[rank::world]
     mine_draws, other_draws = [], []
     for j in range(draws):
         one = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed + j * DRAW_SEED_STRIDE,
-                         filler_id, progress=rank == 0, index=mine_index)
+                         filler_id, progress=rank == 0, index=mine_index, read=bool(mix_ws))
         mine_draws.append(one)
         if shuffled:
             # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
@@ -309,7 +317,7 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
                     every[r::world] = part
             other_draws.append(nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed,
                                           progress=rank == 0, thoughts=every.roll(1, dims=0)[rank::world],
-                                          index=mine_index))
+                                          index=mine_index, read=bool(mix_ws)))
     mine, other = mixture(mine_draws), mixture(other_draws) if other_draws else None
     if world > 1:   # rank q scored sequences q, q + world, ...: back to 0..D-1
         parts = distributed.gather_objects((mine, other))
@@ -322,10 +330,47 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
     # per sequence, in file order: the values the trainer's eval/step_*.json holds, for paired comparisons
     m.update({f"sequence_nll_{name}{tail}": sequence_nll(mine, th, skip_first=skip).tolist()
               for name, th in (("base", False), ("thoughts", True)) for tail, skip in (("", False), ("_rest", True))})
+    if mix_ws:
+        m["read_mix"] = read_mix_summary(mine, other, mix_ws)
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
              thoughts="filler" if filler_id is not None else "sampled", thought_samples=draws,
              seconds=time.perf_counter() - t0)
     return m
+
+
+def read_mix_summary(mine: dict, other: dict | None, weights: list[float]) -> dict:
+    """For each w: the NLL of the next token under (1 - w) p_base + w p_read (heldout.read_mix),
+    per sequence in file order (and without each sequence's first scored position), its mean
+    over the sequences that have scored positions, and with `other` (another sequence's
+    thoughts) the paired content effect (its NLL minus the own thoughts'), 95% CI."""
+    valid = mine["valid"].bool()
+    keep = valid.any(1)
+    out = {"nll_read": float(sequence_nll(mine, True, logp=mine["read"])[keep].mean())}
+    for w in weights:
+        own = sequence_nll(mine, True, logp=read_mix(mine, w))
+        row = {"nll": float(own[keep].mean()), "sequence_nll": own.tolist(),
+               "sequence_nll_rest": sequence_nll(mine, True, skip_first=True, logp=read_mix(mine, w)).tolist()}
+        if other is not None:
+            theirs = sequence_nll(other, True, logp=read_mix(other, w))
+            m, lo, hi = heldout_mean_ci((theirs - own)[keep])
+            row.update(nll_other=float(theirs[keep].mean()), content=m, content_ci95=[lo, hi],
+                       sequence_nll_other=theirs.tolist())
+        out[f"{w:g}"] = row
+    return out
+
+
+def read_mix_lines(r: dict) -> list[str]:
+    lines = [f"the post-thought state alone (read): NLL {r['nll_read']:.4f}"]
+    for w, row in r.items():
+        if w == "nll_read":
+            continue
+        txt = f"(1 - w) p_base + w p_read, w = {w}: NLL {row['nll']:.4f}"
+        if "content" in row:
+            lo, hi = row["content_ci95"]
+            txt += (f"; with another sequence's thoughts {row['nll_other']:.4f}, content {row['content']:+.4f} "
+                    f"(95% CI {lo:+.4f}..{hi:+.4f})")
+        lines.append(txt)
+    return lines
 
 
 def content_line(c: dict) -> str:
@@ -418,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nll_thought_samples", type=int, default=1, metavar="K",
                     help="nll: sample K thoughts per position (draw j with seed + j * 1000003) and score the "
                          "average of the K mixed predictions (K times the compute; filler thoughts: one draw)")
+    ap.add_argument("--nll_read_mix", default=None, metavar="W[,W...]",
+                    help="nll: also score the next token under (1 - w) p_base + w p_read for each fixed w in "
+                         "(0, 1], p_read the state after the thought alone (a probability mixture, no mixing head)")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
     rank, world = distributed.join_launcher_group()
@@ -442,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
                         ("nll_thought_samples", args.nll_thought_samples)]:
             if v is not None and v < 1:
                 raise TaskError(f"--{name}={v}: must be >= 1")
+        if args.nll_read_mix is not None:
+            try:
+                args.nll_read_mix = [float(w) for w in args.nll_read_mix.split(",") if w.strip()]
+            except ValueError:
+                raise TaskError(f"--nll_read_mix={args.nll_read_mix!r}: expected comma-separated numbers") from None
+            for w in args.nll_read_mix:
+                if not 0 < w <= 1:
+                    raise TaskError(f"--nll_read_mix: w = {w:g} must be in (0, 1]")
         if args.nll_seq_len < args.talk_len + 1:
             raise TaskError(f"--nll_seq_len={args.nll_seq_len}: must be >= talk_len + 1 = {args.talk_len + 1}")
         nll_file = None
@@ -506,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         if k > 1 else "") + ":", nll))
                 if "shuffled" in nll:
                     print(content_line(nll["shuffled"]))
+                if "read_mix" in nll:
+                    print("\n".join(read_mix_lines(nll["read_mix"])))
         print(f"results: {args.output}")
     distributed.close(wait=False)
     return 0

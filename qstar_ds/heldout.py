@@ -33,21 +33,26 @@ Z95 = 1.96
 
 
 def token_scores(base_logp: torch.Tensor, talk_logp: torch.Tensor | None, anchor: torch.Tensor,
-                 valid: torch.Tensor, mix_w: torch.Tensor | None, talk_len: int | None = None) -> dict[str, torch.Tensor]:
+                 valid: torch.Tensor, mix_w: torch.Tensor | None, talk_len: int | None = None,
+                 read_logp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """From one rollout with one thought per position: base_logp (B, n-1) base log-probs of
     x_{i+1}; talk_logp (B, P, K) mixed log-probs of x_{i+1..i+K}; anchor (B, P); valid (B, P);
     mix_w (B, P, K). -> per position (B, P): base, mixed (next token), base_win, mixed_win
-    (K-token window, summed), w (mixing weight of talk step 1), valid. A model without thoughts
-    (talk_logp and mix_w None, talk_len given): "mixed" is the base prediction, w = 0."""
+    (K-token window, summed), w (mixing weight of talk step 1), valid; with read_logp (B, P, K)
+    (the post-thought state alone) also "read", its log-prob of the next token. A model without
+    thoughts (talk_logp and mix_w None, talk_len given): "mixed" is the base prediction, w = 0."""
     K = talk_logp.shape[-1] if talk_logp is not None else talk_len
     n1 = base_logp.shape[1]
     idx = (anchor[..., None] + torch.arange(K, device=anchor.device)).clamp(max=n1 - 1)   # (B, P, K)
     base_k = base_logp.gather(1, idx.flatten(1)).view(idx.shape)                          # (B, P, K)
     if talk_logp is None:
         talk_logp, mix_w = base_k, torch.zeros_like(base_k)
-    return {"base": base_k[..., 0].double(), "mixed": talk_logp[..., 0].double(),
-            "base_win": base_k.sum(-1).double(), "mixed_win": talk_logp.sum(-1).double(),
-            "w": mix_w[..., 0].double(), "valid": valid}
+    out = {"base": base_k[..., 0].double(), "mixed": talk_logp[..., 0].double(),
+           "base_win": base_k.sum(-1).double(), "mixed_win": talk_logp.sum(-1).double(),
+           "w": mix_w[..., 0].double(), "valid": valid}
+    if read_logp is not None:
+        out["read"] = read_logp[..., 0].double()
+    return out
 
 
 def mean_ci(xs: torch.Tensor) -> tuple[float, float, float]:
@@ -127,8 +132,9 @@ def mixture(draws: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return draws[0]
     log_k = math.log(len(draws))
     out = dict(draws[0])
-    for key in ("mixed", "mixed_win"):
-        out[key] = torch.logsumexp(torch.stack([d[key] for d in draws]), 0) - log_k
+    for key in ("mixed", "mixed_win", "read"):
+        if key in out:
+            out[key] = torch.logsumexp(torch.stack([d[key] for d in draws]), 0) - log_k
     out["w"] = torch.stack([d["w"] for d in draws]).mean(0)
     return out
 
@@ -139,14 +145,27 @@ def first_valid(valid: torch.Tensor) -> torch.Tensor:
     return v & (v.cumsum(1) == 1)
 
 
-def sequence_nll(s: dict[str, torch.Tensor], with_thoughts: bool, skip_first: bool = False) -> torch.Tensor:
-    """(D,) each sequence's mean NLL (nats/token) with or without thoughts: the paired values the
-    experiment tool compares across arms (same held-out sequences, same tokens). `skip_first`:
-    without each sequence's first scored position."""
-    x = -(s["mixed"] if with_thoughts else s["base"])
+def sequence_nll(s: dict[str, torch.Tensor], with_thoughts: bool, skip_first: bool = False,
+                 logp: torch.Tensor | None = None) -> torch.Tensor:
+    """(D,) each sequence's mean NLL (nats/token) with or without thoughts (or of the log-probs
+    `logp` (D, P), e.g. read_mix's): the paired values the experiment tool compares across arms
+    (same held-out sequences, same tokens). `skip_first`: without each sequence's first scored
+    position."""
+    x = -(logp if logp is not None else s["mixed"] if with_thoughts else s["base"])
     valid = s["valid"].bool()
     v = (valid & ~first_valid(valid) if skip_first else valid).double()
     return (x * v).sum(1) / v.sum(1).clamp(min=1)
+
+
+def read_mix(s: dict[str, torch.Tensor], w: float) -> torch.Tensor:
+    """(D, P) log-probs of the next token under p = (1 - w) p_base + w p_read, a mixture of the
+    two distributions with a fixed weight (no mixing head): a wrong thought costs at most
+    -log(1 - w) nats, unlike the mixed hidden state (a mixture of logits), where a confident
+    wrong thought costs up to w times its NLL."""
+    if not 0 < w <= 1:
+        raise ValueError(f"read_mix: w = {w} must be in (0, 1]")
+    return torch.logaddexp(s["base"] + math.log1p(-w) if w < 1 else torch.full_like(s["base"], -math.inf),
+                           s["read"] + math.log(w))
 
 
 def top_positions(s: dict[str, torch.Tensor], thoughts: torch.Tensor, ids: torch.Tensor, tokenizer,

@@ -273,12 +273,57 @@ def test_nll_with_k_thoughts_scores_the_average_of_the_k_mixed_predictions(saved
     assert all(a <= b + 1e-9 for a, b in zip(got["sequence_nll_thoughts"], mean_draw))
 
 
+def test_nll_read_mix_scores_the_post_thought_state_mixed_with_the_base_distribution(saved_model):
+    """--nll_read_mix: per sequence, the NLL of (1 - w) p_base + w p_read, p_read the log-prob
+    the post-thought state alone gives the next token (equal to the learn pass's read log-prob
+    for the same thoughts); asking for it changes no other number; with another sequence's
+    thoughts, the paired content effect."""
+    from types import SimpleNamespace
+
+    from qstar_ds.evaluate import nll_scores, run_nll
+    from qstar_ds.learn import learn_pass
+    from qstar_ds.loading import load_model
+    loaded = load_model(saved_model)
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2, temperature=1.0)
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    plain = nll_scores(loaded.model, cfg, ids, mask, 2, 7)
+    s = nll_scores(loaded.model, cfg, ids, mask, 2, 7, read=True)
+    for k in ("base", "mixed", "w"):
+        torch.testing.assert_close(s[k], plain[k], rtol=0, atol=0)
+    with torch.no_grad():   # the read log-prob of the same thoughts, from the learn pass
+        from qstar_ds.rollout import default_positions
+        anchor = default_positions(12, 2)[None].expand(3, -1)
+        out = learn_pass(loaded.model, ThoughtConfig(**{**vars(cfg), "w_read": 1.0}), ids, mask, anchor, s["thoughts"])
+    v = s["valid"].bool()
+    torch.testing.assert_close(s["read"][v], out.read_logp[..., 0][v].double(), rtol=0, atol=1e-6)
+    args = SimpleNamespace(nll_seq_len=12, nll_sequences=3, text_field="text", talk_len=2, batch_size=2, seed=7,
+                           nll_shuffled_thoughts=True, nll_thought_samples=1, nll_read_mix=[0.1, 1.0])
+    got = run_nll(loaded.model, loaded.tokenizer, cfg, "x", args, None, 0, 1, (ids, mask))
+    rm = got["read_mix"]
+    for w in (0.1, 1.0):
+        want = [-sum(math.log((1 - w) * math.exp(float(s["base"][d, p])) + w * math.exp(float(s["read"][d, p])))
+                     for p in range(v.shape[1]) if v[d, p]) / int(v[d].sum()) for d in range(3)]
+        assert rm[f"{w:g}"]["sequence_nll"] == pytest.approx(want, rel=1e-9), w
+        assert rm[f"{w:g}"]["nll"] == pytest.approx(sum(want) / 3, rel=1e-9)
+        assert rm[f"{w:g}"]["content"] == pytest.approx(rm[f"{w:g}"]["nll_other"] - rm[f"{w:g}"]["nll"], abs=1e-9)
+    assert rm["nll_read"] == pytest.approx(rm["1"]["nll"], rel=1e-12)
+    assert got["sequence_nll_thoughts"] == pytest.approx(sequence_nll_of(plain), rel=1e-12)
+
+
+def sequence_nll_of(s):
+    v = s["valid"].bool()
+    return [-float(s["mixed"][d][v[d]].mean()) for d in range(s["mixed"].shape[0])]
+
+
 def test_evaluate_cli_errors(tmp_path):
     for args, want in [(["--tasks", "mmlu"], "unknown task 'mmlu'"),
                        (["--data", f"gsm8k={tmp_path}/none.jsonl", "--tasks", "gsm8k"], "none.jsonl not found"),
                        (["--data", "gsm8k", "--tasks", "gsm8k"], "TASK=FILE"),
                        (["--limit", "0"], "--limit=0"),
                        (["--tasks", "nll", "--nll_thought_samples", "0"], "--nll_thought_samples=0"),
+                       (["--tasks", "nll", "--nll_read_mix", "0.1,0"], "--nll_read_mix: w = 0 must be in (0, 1]"),
+                       (["--tasks", "nll", "--nll_read_mix", "a"], "--nll_read_mix='a': expected"),
                        (["--model", "/no/such/dir"], "/no/such/dir")]:
         res = _evaluate(["--model", "tiny-llama"] + args)
         assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

@@ -1,9 +1,11 @@
-"""tools/experiment.py (three arms x seeds from one command, resumable) and the run report
-(qstar_ds/report.py), on the tiny debug preset."""
+"""tools/experiment.py (three arms x seeds from one command, resumable), tools/compare_nll.py and
+the run report (qstar_ds/report.py), on the tiny debug preset."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import shared_file
 from helpers import ROOT
@@ -108,3 +110,29 @@ def test_report_regenerates_from_a_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qstar_ds.report", str(tmp_path / "nothing")], capture_output=True,
                          text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("metrics.jsonl not found (not a run's output_dir?)")
+
+
+def test_compare_nll_pairs_sequences_and_pools(tmp_path):
+    """tools/compare_nll.py: A - B per sequence, per pair and pooled, by hand; the trainer's and
+    evaluate's JSON layouts and a /-separated key; one line for a bad file, key or length."""
+    import math
+    a = {"sequence_nll_thoughts": [3.0, 2.5, 4.0]}                                # the trainer's layout
+    b = {"nll": {"sequence_nll_thoughts": [3.1, 2.4, 4.3], "read_mix": {"0.1": {"sequence_nll": [1.0, 2.0, 3.0]}}}}
+    c = {"nll": {"sequence_nll_thoughts": [1.0, 1.0]}}
+    for name, d in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    A, B, C = (str(tmp_path / f"{n}.json") for n in "abc")
+    res = run([os.path.join(ROOT, "tools", "compare_nll.py"), A, B, B + ":nll/read_mix/0.1/sequence_nll", A,
+               "--json", str(tmp_path / "out.json")])
+    got = json.loads((tmp_path / "out.json").read_text())
+    d = [-0.1, 0.1, -0.3, -2.0, -0.5, -1.0]
+    m = sum(d) / 6
+    h = 1.96 * math.sqrt(sum((x - m) ** 2 for x in d) / 5) / math.sqrt(6)
+    assert got["n"] == 6 and got["pooled"][0] == pytest.approx(m) and got["pooled"][2] == pytest.approx(m + h)
+    assert got["pairs"][0]["diff"][0] == pytest.approx(-0.1)
+    assert "pooled: " in res.stdout and "A better" in res.stdout
+    for args, want in (([A, C], "has 3 sequences"), ([A, B + ":nll/nope"], "no key 'nll/nope'"),
+                       ([A], "expected pairs"), ([A, str(tmp_path / "none.json")], "none.json: file not found")):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compare_nll.py"), *args],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert bad.returncode == 2 and want in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)

@@ -7,7 +7,7 @@ import torch
 
 from qstar_ds.config import ThoughtConfig
 from qstar_ds.data import SequenceStream, is_heldout
-from qstar_ds.heldout import flat_metrics, sequence_nll, summarize, token_scores
+from qstar_ds.heldout import flat_metrics, mixture, read_mix, sequence_nll, summarize, token_scores
 from qstar_ds.learn import learn_pass
 from qstar_ds.rollout import default_positions, rollout
 from qstar_ds.tiny import tiny_tokenizer
@@ -51,6 +51,31 @@ def test_untrained_mixing_head_gives_exactly_zero_gain():
     assert float((s["mixed"] - s["base"])[v].abs().max()) <= 1e-12
     m = summarize(s, cfg.talk_len)
     assert abs(m["gain"]) <= 1e-12 and abs(m["gain_win"]) <= 1e-12 and m["mix_w"] == 0.0
+
+
+def test_read_mix_is_a_mixture_of_the_two_distributions():
+    """read_mix(w): log((1 - w) p_base + w p_read) token by token, by hand; w = 1 is the read
+    state alone; a wrong thought (p_read ~ 0) costs exactly -log(1 - w); heldout.mixture of two
+    draws averages p_read as well, and read_mix of the mixture is the mean of the draws' mixtures."""
+    g = torch.Generator().manual_seed(2)
+    base = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 4
+    read = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 8
+    s = {"base": base, "read": read, "valid": torch.ones(3, 5, dtype=torch.bool)}
+    for w in (0.05, 0.3):
+        got = read_mix(s, w)
+        for d in range(3):
+            for p in range(5):
+                want = math.log((1 - w) * math.exp(float(base[d, p])) + w * math.exp(float(read[d, p])))
+                assert float(got[d, p]) == pytest.approx(want, rel=1e-12)
+    assert torch.equal(read_mix(s, 1.0), read)
+    wrong = {**s, "read": torch.full_like(read, -1e4)}
+    torch.testing.assert_close(read_mix(wrong, 0.1), base + math.log(0.9), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="must be in"):
+        read_mix(s, 0.0)
+    other = {**s, "read": read - 1.0, "mixed": base, "mixed_win": base, "w": base}
+    both = mixture([{**s, "mixed": base, "mixed_win": base, "w": base}, other])
+    want = torch.log((read_mix(s, 0.2).exp() + read_mix(other, 0.2).exp()) / 2)
+    torch.testing.assert_close(read_mix(both, 0.2), want, rtol=0, atol=1e-12)
 
 
 def test_summarize_equals_brute_force():
