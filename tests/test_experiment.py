@@ -79,6 +79,12 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
         off = json.loads((out / f"off_s{seed}" / "eval" / "step_00000004.json").read_text())
         d = [q - o for q, o in zip(check["sequence_nll_thoughts"], off["sequence_nll_thoughts"])]
         assert abs(sum(d) / len(d) - rs["compare"]["off"]["per_seed"][str(seed)][0]) < 1e-9
+    # and with two thoughts per position, their mixed predictions averaged
+    two = run([TOOL, *common, "--seeds", "0", "--arms", "quiet_star,off", "--rescore_temperature", "1",
+               "--rescore_samples", "2"]).stdout
+    assert "temperature 1, 2 per position, mixed predictions averaged" in two and "(with thoughts, T 1, 2 averaged)" in two
+    check = json.loads((out / "quiet_star_s0" / "content_T1_k2.json").read_text())["nll"]
+    assert check["thought_samples"] == 2 and len(check["sequence_nll_thoughts"]) == 6
 
 
 def test_report_regenerates_from_a_run(tmp_path):
