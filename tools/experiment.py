@@ -224,7 +224,9 @@ def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict, cmp_rest: dic
     return "\n".join(lines + compare_lines(cmp, cmp_rest))
 
 
-def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: str) -> None:
+def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: str, rescore: dict | None = None) -> None:
+    """Held-out NLL over steps, train base NLL, and the paired comparisons (with `rescore`, also
+    quiet_star rescored, pooled over seeds, hatched)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,9 +250,16 @@ def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: st
         for ctrl, res in cmp.items():
             for name, (m, lo, hi) in [("pooled", res["pooled"])] + [(f"seed {s}", v) for s, v in res["per_seed"].items()]:
                 labels.append(f"- {ctrl}\n{name}"); ys.append(m); errs.append([[m - lo], [hi - m]])
+        n_plain = len(ys)
+        if rescore:
+            k = rescore.get("samples", 1)
+            tag = f"T {rescore['temperature']:g}" + (f", {k} avg" if k > 1 else "")
+            for ctrl, res in rescore["compare"].items():
+                m, lo, hi = res["pooled"]
+                labels.append(f"- {ctrl}\n{tag}"); ys.append(m); errs.append([[m - lo], [hi - m]])
         xs = list(range(len(ys)))
         for x, y, e in zip(xs, ys, errs):
-            c.bar(x, y, yerr=e, color="C0" if y < 0 else "C3", capsize=4)
+            c.bar(x, y, yerr=e, color="C0" if y < 0 else "C3", capsize=4, hatch="//" if x >= n_plain else None)
         c.axhline(0, color="k", lw=0.8)
         c.set_xticks(xs, labels, fontsize=7)
         c.set_title("quiet_star NLL minus control NLL (< 0: quiet_star better), 95% CI", fontsize=10)
@@ -342,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "n": v["n"]} for c, v in rs[k].items()} for k in ("compare", "compare_rest")}}
     print(text)
     png = os.path.join(args.out, "experiment.png")
-    plot(args, arms, seeds, evs, cmp, png)
+    plot(args, arms, seeds, evs, cmp, png, rescore)
     secs = {f"{a}_s{s}": json.load(open(p))["seconds"] for a in arms for s in seeds
             if os.path.isfile(p := os.path.join(args.out, f"{a}_s{s}", "experiment_time.json"))}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
