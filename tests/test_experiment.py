@@ -142,3 +142,22 @@ def test_compare_nll_pairs_sequences_and_pools(tmp_path):
         bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compare_nll.py"), *args],
                              capture_output=True, text=True, cwd=ROOT)
         assert bad.returncode == 2 and want in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
+
+def test_content_check_refuses_scores_of_other_held_out_sequences(tmp_path):
+    """A rescoring file whose base NLLs are not the run's (other sequences, e.g. a file left from
+    another run) stops the tool with one line; a rounding-level difference does not."""
+    import importlib.util
+    import types
+    spec = importlib.util.spec_from_file_location("experiment_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "quiet_star_s0").mkdir()
+    args = types.SimpleNamespace(out=str(tmp_path), steps=4)
+    ev = {"summary": {"temperature": 1.0, "talk_len": 2, "sequences": 3}, "sequence_nll_base": [3.0, 2.0, 4.0]}
+    path = tmp_path / "quiet_star_s0" / "content_T1.json"
+    path.write_text(json.dumps({"nll": {"sequence_nll_base": [3.001, 2.0, 3.999]}}))
+    assert tool.content_check(args, 0, ev, 1.0)["sequence_nll_base"][0] == 3.001
+    path.write_text(json.dumps({"nll": {"sequence_nll_base": [2.0, 4.0, 3.0]}}))
+    with pytest.raises(SystemExit, match="not the ones the run's final evaluation scored"):
+        tool.content_check(args, 0, ev, 1.0)

@@ -105,7 +105,8 @@ def content_check(args, seed: int, ev: dict, temperature: float | None = None, s
         temp = m["temperature"] if temperature is None else temperature
         cmd = [sys.executable, "-m", "qstar_ds.evaluate", "--model", ckpt, "--tasks", "nll", "--nll_heldout",
                "--nll_shuffled_thoughts", "--thought_temperature", str(temp), "--talk_len",
-               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed), "--nll_thought_samples", str(samples), "--output", path]
+               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed),
+               "--nll_thought_samples", str(samples), "--output", path]
         print(f"[experiment] content check, quiet_star seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         with open(os.path.join(out, "experiment_run.log"), "a") as log:
             res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -116,8 +117,9 @@ def content_check(args, seed: int, ev: dict, temperature: float | None = None, s
         check = json.load(f)["nll"]
     mine, run_base = check.get("sequence_nll_base"), ev.get("sequence_nll_base")
     if mine is not None and run_base is not None and (
-            len(mine) != len(run_base) or max(abs(a - b) for a, b in zip(mine, run_base)) > 1e-3):
-        # the base prediction does not depend on thoughts: another value means other sequences
+            len(mine) != len(run_base) or sum(abs(a - b) for a, b in zip(mine, run_base)) / len(mine) > 0.05):
+        # the base prediction does not depend on thoughts: other sequences differ by tenths of a
+        # nat, far more than another precision (the trainer's bf16, evaluate's fp32) moves it
         raise SystemExit(f"[experiment] {path}: its held-out sequences are not the ones the run's final evaluation "
                          f"scored (base NLL per sequence differs); delete it and rerun")
     return check
