@@ -245,9 +245,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+SIGNATURE_DEFAULTS = {"mix": "hidden"}   # keys added later: what checkpoints written before them mean
+
+
 def check_compatible(meta: dict, signature: dict, path: str) -> None:
     """Refuse a resume that changes the architecture or the thought settings."""
-    old = meta["signature"]
+    old = {**SIGNATURE_DEFAULTS, **meta["signature"]}
     diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
     if diff:
         what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))

@@ -168,6 +168,16 @@ class ModelConfig:
     """0: the mixing head's last layer starts at zero, so training starts from the base LM
     exactly (the paper's choice). > 0: the whole mixing head starts N(0, std) (seeded), so that
     thoughts matter from the first step (tests, experiments)."""
+    mix_rule: str = "hidden"
+    """How the mixing head's weight w blends the post-thought prediction with the base one.
+    hidden (the paper): w mixes the two hidden states, i.e. the two logit vectors; w unbounded,
+    starting at 0. prob: w = sigmoid(head + logit(mix_init)) mixes the two next-token
+    distributions, p = (1 - w) p_base + w p_thought: a wrong thought costs at most -log(1 - w)
+    nats (under hidden, a confident wrong thought costs up to w times its own NLL). Part of the
+    model: checkpoints and exported directories keep it."""
+    mix_init: float = 0.01
+    """mix_rule=prob: the mixing weight every position starts with (the head's last layer starts
+    at zero); so a prob run starts from the base LM only up to this weight."""
     thought_init: str = "---"
     """Text whose first token's embedding starts both thought markers (<|startofthought|>,
     <|endofthought|>). "---" is the paper's; in SmolLM2's tokenizer it is one markdown-rule token
@@ -184,6 +194,8 @@ class ModelConfig:
                  "must be auto, float32 or bfloat16")
         _require(bool(self.name), "model.name", self.name, "must not be empty")
         _require(self.mixing_init_std >= 0, "model.mixing_init_std", self.mixing_init_std, "must be >= 0")
+        _require(self.mix_rule in ("hidden", "prob"), "model.mix_rule", self.mix_rule, "must be hidden or prob")
+        _require(0 < self.mix_init < 1, "model.mix_init", self.mix_init, "must be in (0, 1)")
         _require(bool(self.thought_init), "model.thought_init", self.thought_init, "must not be empty")
         _require(self.thought_init_file is None or self.thought_init_file.endswith(".safetensors"),
                  "model.thought_init_file", self.thought_init_file, "must be a .safetensors file")

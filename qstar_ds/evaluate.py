@@ -48,10 +48,11 @@ import torch
 
 from . import distributed
 from .config import ConfigError, ThoughtConfig
-from .generate import GenerateConfig, at_least_fp32, entropy, generate, left_pad, think
+from .generate import GenerateConfig, entropy, generate, left_pad, think
 from .heldout import (content_effect, line as heldout_line, mean_ci as heldout_mean_ci, mixture, read_mix,
                       sequence_nll, summarize, token_scores)
 from .layout import Layout
+from .logprobs import at_least_fp32
 from .model import shape_of
 from .rollout import default_positions, new_cache, rollout
 from .schedule import rank_major_order
@@ -142,8 +143,8 @@ def answer_logprobs(model, cfg: ThoughtConfig, tokenizer, items: list[Item], tho
         used = ~used if think_threshold is None else entropy(z) >= think_threshold
         if bool(used.any()):
             thought_ids, h_eot = think(model, cfg, cache, base_valid, anchor, generator)         # (B, A, H)
-            mixed, _ = model.mix(h_base, h_eot)
-            z = torch.where(used[..., None], at_least_fp32(model.logits(mixed)), z)
+            mixed, _ = model.mixed_logits(h_base, h_eot)
+            z = torch.where(used[..., None], mixed, z)
     logp = torch.log_softmax(z, dim=-1)
     return [(logp[b, :len(a)], a, None if thought_ids is None else thought_ids[b, :len(a)], used[b, :len(a)])
             for b, (_, a) in enumerate(spans)]

@@ -32,6 +32,7 @@ import torch
 
 from .config import ConfigError, ThoughtConfig, _require
 from .layout import BASE, Layout
+from .logprobs import at_least_fp32
 from .rollout import new_cache, sample_thoughts, sample_tokens
 
 
@@ -98,11 +99,6 @@ def base_step_layout(base_valid: torch.Tensor, start: int, backend: str) -> Layo
     tags = torch.full((n,), BASE, dtype=torch.long, device=dev)
     anchor = torch.zeros(base_valid.shape[0], 0, dtype=torch.long, device=dev)
     return Layout(base_valid, anchor, tags[start:], idx[start:], tags, idx, backend)
-
-
-def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits -> float32 for softmax; float32/float64 unchanged."""
-    return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -176,8 +172,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
             if bool(use.any()):
                 anchor = torch.full((B, 1), n - 1, dtype=torch.long, device=dev)
                 th, h_eot = think(model, cfg, cache, base_valid, anchor, generator)
-                mixed, wm = model.mix(h_last, h_eot[:, 0])
-                logits = torch.where(use[:, None], at_least_fp32(model.logits(mixed)), logits)
+                mixed, wm = model.mixed_logits(h_last, h_eot[:, 0])
+                logits = torch.where(use[:, None], mixed, logits)
                 w = torch.where(use, wm.to(w.dtype), w)
                 thoughts = th[:, 0]
         logp = torch.log_softmax(logits, dim=-1)

@@ -11,7 +11,7 @@ on the same tokens we compare
 and the same over the non-myopic window x_{i+1..i+K} (teacher-forced, summed, reported per
 token). It comes from the rollout the trainer already runs (its prefill gives the base log-probs),
 so it costs one rollout per held-out sequence. With an untrained mixing head (w = 0) the gain is
-exactly 0.
+exactly 0 (model.mix_rule=prob: the mixed prediction is then read_mix at w = model.mix_init).
 
 Aggregates (`summarize`): mean NLL with and without thoughts, the gain with a 95% confidence
 interval over sequences (each sequence's mean gain is one observation), the gain by difficulty

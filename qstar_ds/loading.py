@@ -67,7 +67,8 @@ def model_from_checkpoint(checkpoint: str) -> tuple[QuietStarModel, object, dict
     sig = meta["signature"]
     tokens = ThoughtTokens(sig["sot_id"], sig["eot_id"])
     tok = load_tokenizer(template, tokens)
-    model = QuietStarModel(base, tokens)
+    rule, _, init = sig.get("mix", "hidden").partition(":")
+    model = QuietStarModel(base, tokens, mix_rule=rule, **({"mix_init": float(init)} if init else {}))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"base.lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

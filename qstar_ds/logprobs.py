@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> float32 for softmax; float32/float64 unchanged."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(..., V) logits, (...) long targets -> (...) log softmax(logits / temperature)[target],
     computed in at least float32."""

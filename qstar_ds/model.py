@@ -16,12 +16,19 @@ so the exported HF directory is self-consistent.
 The two markers are never predicted: their output logits are masked to -inf in every
 distribution (thought sampling, talk, base NLL), so log-probs over the rest of the vocabulary are
 exactly the base model's.
+
+Mixing rule (model.mix_rule). "hidden", the paper's: the mixing head's w mixes the two hidden
+states, i.e. (lm_head being linear) the two logit vectors; w is unbounded and starts at 0.
+"prob": w = sigmoid(head + logit(mix_init)) mixes the two next-token distributions,
+p = (1 - w) p_base + w p_thought, so a wrong thought costs at most -log(1 - w) nats where a
+confident wrong thought under "hidden" costs up to w times its own NLL.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,7 +37,7 @@ import torch.nn as nn
 
 from . import attention
 from .layout import Layout
-from .logprobs import chunked_token_logprobs, token_logprobs
+from .logprobs import at_least_fp32, chunked_token_logprobs, token_logprobs
 
 SOT_TOKEN = "<|startofthought|>"
 EOT_TOKEN = "<|endofthought|>"
@@ -38,6 +45,7 @@ INIT_TEXT = "---"
 META_FILE = "quiet_star.json"
 WEIGHTS_FILE = "quiet_star.safetensors"
 FORMAT_VERSION = 1
+MIX_RULES = ("hidden", "prob")
 
 
 def gathered(params, modifier_rank: int | None = 0):
@@ -147,10 +155,13 @@ def _check_supported(base: nn.Module) -> None:
 
 
 class QuietStarModel(nn.Module):
-    def __init__(self, base: nn.Module, tokens: ThoughtTokens, thought_embeds: torch.Tensor | None = None):
+    def __init__(self, base: nn.Module, tokens: ThoughtTokens, thought_embeds: torch.Tensor | None = None,
+                 mix_rule: str = "hidden", mix_init: float = 0.01):
         """Wrap `base` whose embedding matrix already has rows for `tokens`. `thought_embeds`
-        (2, H) defaults to those rows (how a loaded model gets its trained values back)."""
+        (2, H) defaults to those rows (how a loaded model gets its trained values back).
+        `mix_rule`, `mix_init`: see the module docstring (ModelConfig.mix_rule)."""
         super().__init__()
+        self.set_mix_rule(mix_rule, mix_init)
         _check_supported(base)
         base.set_attn_implementation(attention.register())
         self.base = base
@@ -173,7 +184,7 @@ class QuietStarModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_base(cls, base: nn.Module, tokenizer, init_text: str = INIT_TEXT) -> "QuietStarModel":
+    def from_base(cls, base: nn.Module, tokenizer, init_text: str = INIT_TEXT, **mix) -> "QuietStarModel":
         """Add the thought tokens to `tokenizer` and `base` (embedding rows = first token of
         `init_text`, model.thought_init) and wrap. Mutates both, like `tokenizer.add_tokens` +
         `resize_token_embeddings`."""
@@ -193,7 +204,7 @@ class QuietStarModel(nn.Module):
         with gathered(tables), torch.no_grad():
             for w in tables:
                 w[ids] = w[dash[0]].expand(len(ids), -1)
-        return cls(base, tokens)
+        return cls(base, tokens, **mix)
 
     @classmethod
     def from_pretrained(cls, path: str, **hf_kwargs) -> "QuietStarModel":
@@ -210,7 +221,8 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
         base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **hf_kwargs)   # never a pickle
         state = load_file(os.path.join(path, WEIGHTS_FILE))
-        model = cls(base, ThoughtTokens(meta["sot_id"], meta["eot_id"]), state.pop("thought_embeds"))
+        model = cls(base, ThoughtTokens(meta["sot_id"], meta["eot_id"]), state.pop("thought_embeds"),
+                    meta.get("mix_rule", "hidden"), meta.get("mix_init", 0.01))
         model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in state.items()})
         return model
 
@@ -234,7 +246,8 @@ class QuietStarModel(nn.Module):
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump({"format": FORMAT_VERSION, "sot_token": SOT_TOKEN, "eot_token": EOT_TOKEN,
                        "sot_id": self.sot_id, "eot_id": self.eot_id,
-                       "hidden_size": self.base.config.hidden_size, **(extra or {})}, f, indent=2)
+                       "hidden_size": self.base.config.hidden_size, "mix_rule": self.mix_rule,
+                       "mix_init": self.mix_init, **(extra or {})}, f, indent=2)
 
     def forward(self, *, fn, **kwargs) -> dict:
         """Entry point for a wrapping engine (DeepSpeed): runs the pass `fn(self, **kwargs)`
@@ -291,11 +304,57 @@ class QuietStarModel(nn.Module):
             return self.chunked_logprobs(h, targets, temperature, chunk)
         return token_logprobs(self.logits(h), targets, temperature)
 
+    def set_mix_rule(self, rule: str, init: float = 0.01) -> None:
+        if rule not in MIX_RULES:
+            raise ValueError(f"mix_rule={rule!r}: must be one of {', '.join(MIX_RULES)}")
+        if not 0.0 < init < 1.0:
+            raise ValueError(f"mix_init={init!r}: must be in (0, 1)")
+        self.mix_rule, self.mix_init = rule, float(init)
+
+    @property
+    def mix_spec(self) -> str:
+        """The rule as one value for checkpoint signatures: "hidden" or "prob:<mix_init>"."""
+        return "hidden" if self.mix_rule == "hidden" else f"prob:{self.mix_init!r}"
+
     def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (mixed hidden (..., H), w (...,)). h = (1-w) h_base + w h_thought; since lm_head is
-        linear this equals mixing the two logit vectors, at the cost of one projection."""
+        """-> (mixed hidden (..., H), w (...,)), the "hidden" rule: h = (1-w) h_base + w h_thought;
+        since lm_head is linear this equals mixing the two logit vectors, at the cost of one
+        projection."""
+        if self.mix_rule != "hidden":
+            raise ValueError(f"mix() is the hidden-state rule; this model mixes by {self.mix_rule!r} "
+                             "(use mixed_token_logprobs / mixed_logits)")
         w = self.mixing_head(h_base, h_thought)
         return (1 - w)[..., None] * h_base + w[..., None] * h_thought, w
+
+    def _prob_weight(self, h_base: torch.Tensor, h_thought: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (log(1 - w), log w, w), each (...,), for the "prob" rule."""
+        s = self.mixing_head(h_base, h_thought).to(dtype) + math.log(self.mix_init / (1 - self.mix_init))
+        return nn.functional.logsigmoid(-s), nn.functional.logsigmoid(s), torch.sigmoid(s)
+
+    def mixed_token_logprobs(self, h_base: torch.Tensor, h_thought: torch.Tensor, targets: torch.Tensor,
+                             chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., H), (..., H), (...) -> (log-probs of `targets` under the mixed prediction (...),
+        mixing weights w (...))."""
+        if self.mix_rule == "hidden":
+            mixed, w = self.mix(h_base, h_thought)
+            return self.token_logprobs(mixed, targets, 1.0, chunk), w
+        lb = self.token_logprobs(h_base, targets, 1.0, chunk)
+        lt = self.token_logprobs(h_thought, targets, 1.0, chunk)
+        log1m, logw, w = self._prob_weight(h_base, h_thought, lb.dtype)
+        return torch.logaddexp(log1m + lb, logw + lt), w
+
+    def mixed_logits(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., H), (..., H) -> (logits (..., V) in at least float32, w (...)): the whole mixed
+        next-token distribution (generation, answer scoring); under "prob" the logits are the
+        mixture's log-probs. Markers stay -inf."""
+        if self.mix_rule == "hidden":
+            mixed, w = self.mix(h_base, h_thought)
+            return at_least_fp32(self.logits(mixed)), w
+        lb = torch.log_softmax(at_least_fp32(self.logits(h_base)), dim=-1)
+        lt = torch.log_softmax(at_least_fp32(self.logits(h_thought)), dim=-1)
+        log1m, logw, w = self._prob_weight(h_base, h_thought, lb.dtype)
+        return torch.logaddexp(log1m[..., None] + lb, logw[..., None] + lt), w
 
     def parameter_groups(self, lr: float, weight_decay: float, thought_lr_mult: float,
                          mixing_lr_mult: float = 1.0) -> list[dict]:

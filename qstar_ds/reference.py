@@ -8,12 +8,14 @@ and runs the unmodified HF backbone on it with an ordinary causal mask (attentio
 `sdpa` or `eager`, HF's own masks; position ids 0, 1, 2, ... in that order, except that with
 thought.talk_positions=resume <eot> and the talk inputs count again from x_i's position + 1),
 one sequence at a time, and mixes
-with the base model's state from a separate plain run on x. Embedding lookup, the mixing MLP, the
+with the base model's state from a separate plain run on x (states, or with model.mix_rule=prob
+the two probabilities). Embedding lookup, the mixing MLP, the
 output projection and every loss are written out here without the packed-pass helpers.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -98,10 +100,16 @@ def reference_pass(qmodel, cfg: ThoughtConfig, input_ids: torch.Tensor, attentio
                 talk, read, ws = [], [], []
                 for step in range(1, K + 1):
                     ht = h[j + t + 1 + step]          # <eot> for step 1, then x_{i+step-1}
-                    w = _mix_weight(qmodel, hb[j + step - 1], ht)
-                    mixed = (1 - w) * hb[j + step - 1] + w * ht
-                    talk.append(_logprob(qmodel, mixed, xs[j + step]))
+                    z = _mix_weight(qmodel, hb[j + step - 1], ht)
                     read.append(_logprob(qmodel, ht, xs[j + step]))   # the thought's state alone
+                    if qmodel.mix_rule == "hidden":                   # mix the states (= the logits)
+                        w = z
+                        mixed = (1 - w) * hb[j + step - 1] + w * ht
+                        talk.append(_logprob(qmodel, mixed, xs[j + step]))
+                    else:                                             # mix the two probabilities
+                        w = 1 / (1 + torch.exp(-(z + math.log(qmodel.mix_init / (1 - qmodel.mix_init)))))
+                        p_base = torch.exp(_logprob(qmodel, hb[j + step - 1], xs[j + step]))
+                        talk.append(torch.log((1 - w) * p_base + w * torch.exp(read[-1])))
                     ws.append(w)
                 streams[(b, m)] = {"thought_logp": th, "talk_logp": torch.stack(talk),
                                    "read_logp": torch.stack(read), "mix_w": torch.stack(ws)}

@@ -1,7 +1,7 @@
 """The talk window, shared by the rollout and the learn pass: the K true tokens after a position,
-and their log-probs under the mixed prediction (mixing head over the base and post-thought
-states) or under the post-thought state alone ("read"), optionally recomputed in backward so
-that no vocabulary-sized logits are stored.
+and their log-probs under the mixed prediction (the mixing head's blend of the base and
+post-thought predictions, model.mix_rule) or under the post-thought state alone ("read"),
+optionally recomputed in backward so that no vocabulary-sized logits are stored.
 """
 from __future__ import annotations
 
@@ -36,18 +36,15 @@ def talk_logprobs(model, h_base: torch.Tensor, h_thought: torch.Tensor, input_id
                   anchor: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """h_base (B, n, H), h_thought (B, M, K, H) -> (talk log-probs (B, M, K), mixing weights
     (B, M, K)). Talk step j mixes the thought state with the base state that predicts the same
-    target x_{i+j}, i.e. base token i+j-1."""
+    target x_{i+j}, i.e. base token i+j-1, by the model's mixing rule (model.mix_rule)."""
     B, n, H = h_base.shape
     K = h_thought.shape[2]
     idx = (anchor[..., None] + torch.arange(K, device=anchor.device)).clamp(max=n - 1)  # (B, M, K)
     hb = h_base.gather(1, idx.flatten(1)[..., None].expand(-1, -1, H)).view(*idx.shape, H)
     targets = talk_targets(input_ids, anchor, K)
 
-    def mixed_logprobs(hb_, ht_):
-        mixed, w = model.mix(hb_, ht_)
-        return model.token_logprobs(mixed, targets, 1.0, chunk), w
-
-    return maybe_checkpoint(model, mixed_logprobs, hb, h_thought)
+    return maybe_checkpoint(model, lambda hb_, ht_: model.mixed_token_logprobs(hb_, ht_, targets, chunk),
+                            hb, h_thought)
 
 
 def read_logprobs(model, h_thought: torch.Tensor, input_ids: torch.Tensor, anchor: torch.Tensor,

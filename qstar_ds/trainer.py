@@ -112,7 +112,8 @@ class Trainer:
             markers = read_marker_file(cfg.model.thought_init_file)
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
-        model = QuietStarModel.from_base(base, self.tokenizer, cfg.model.thought_init)
+        model = QuietStarModel.from_base(base, self.tokenizer, cfg.model.thought_init,
+                                         mix_rule=cfg.model.mix_rule, mix_init=cfg.model.mix_init)
         if markers is not None:
             set_thought_embeds(model, markers, cfg.model.thought_init_file)
             self._note(f"thought markers start from {cfg.model.thought_init_file} (model.thought_init_file)")
@@ -166,7 +167,8 @@ class Trainer:
         return {"model": self.cfg.model.name, "model_type": c.model_type, "hidden_size": c.hidden_size,
                 "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
                 "sot_id": self.model.sot_id, "eot_id": self.model.eot_id, "thought_len": t.thought_len,
-                "n_thoughts": t.n_thoughts, "talk_len": t.talk_len, "seq_len": self.cfg.data.seq_len}
+                "n_thoughts": t.n_thoughts, "talk_len": t.talk_len, "seq_len": self.cfg.data.seq_len,
+                "mix": self.model.mix_spec}
 
     def _write_template(self) -> None:
         """Base config + tokenizer (with thought tokens): what tools/export_hf.py rebuilds from."""

@@ -156,6 +156,24 @@ def test_sigkill_then_resume_auto_gives_the_same_losses(tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
 
 
+def test_a_probability_mixing_checkpoint_loads_and_exports_with_its_rule(tmp_path):
+    """model.mix_rule=prob is part of the model: evaluation's loader and the export read it back
+    from the checkpoint, and the exported directory mixes the same way."""
+    from qstar_ds.loading import load_model
+    from qstar_ds.model import QuietStarModel
+    out = tmp_path / "out"
+    res = run_single(["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "1",
+                      "--train.save_every", "1", "--model.mix_rule", "prob", "--model.mix_init", "0.2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = load_model(str(out))
+    assert loaded.model.mix_spec == "prob:0.2"
+    exp = tmp_path / "hf"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_hf.py"), str(out), str(exp)],
+                         env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert QuietStarModel.from_pretrained(str(exp)).mix_spec == "prob:0.2"
+
+
 def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
     out = tmp_path / "out"
     base = ["--preset", "debug_cpu", "--output_dir", str(out), "--max_steps", "2", "--train.save_every", "2",
@@ -166,6 +184,9 @@ def test_resume_refuses_changed_thoughts_then_export_round_trips(tmp_path):
     res = run_single(base + ["--max_steps", "3", "--thought.thought_len", "3"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "thought_len: 2 -> 3" in res.stderr.strip().splitlines()[-1]
+    res = run_single(base + ["--max_steps", "3", "--model.mix_rule", "prob"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "mix: 'hidden' -> 'prob:0.01'" in res.stderr.strip().splitlines()[-1]
     # (a different number of ranks resumes through the universal form: tests/test_faults.py)
 
     # export: the HF directory loads without DeepSpeed and holds the trained values

@@ -25,8 +25,10 @@ SHAPES = [  # (n, r, thought_len, K)
 
 
 def run_both(arch, n, r, t, K, dtype=torch.float64, pad="both", attn="sdpa", tie=False, clip=True,
-             seed=0, reinforce_temperature=None, w_read=0.0, reward="mixed", talk_positions="after_thought"):
+             seed=0, reinforce_temperature=None, w_read=0.0, reward="mixed", talk_positions="after_thought",
+             mix_rule="hidden"):
     model, tok = make_model(arch, dtype=dtype, seed=seed, tie=tie)
+    model.set_mix_rule(mix_rule, 0.3)
     cfg = ThoughtConfig(thought_len=t, n_thoughts=r, talk_len=K, beta=0.7, w_talk=0.4, w_base=0.6,
                         temperature=1.3, clip_negative_rewards=clip,
                         reinforce_temperature=reinforce_temperature, w_read=w_read, reward=reward,
@@ -137,3 +139,15 @@ def test_resume_talk_positions_equal_reference(arch, pad):
     v = out.valid
     assert (plain.talk_logp[v] - out.talk_logp[v]).abs().max() > 1e-4, "the positions must change the talk"
     torch.testing.assert_close(plain.thought_logp, out.thought_logp, rtol=0, atol=1e-12)   # thoughts keep theirs
+
+
+@pytest.mark.parametrize("arch,pad,K", [("llama", "both", 3), ("qwen2", "left", 1)])
+def test_probability_mixing_rule_equals_reference(arch, pad, K):
+    """model.mix_rule=prob: log((1 - w) p_base + w p_thought) with w = sigmoid(head + logit(0.3)),
+    written out per token in the reference; values and gradients, with the read loss on."""
+    model, out, g_out, ref, g_ref = run_both(arch, 8, 2, 3, K, pad=pad, w_read=0.5, mix_rule="prob")
+    assert_equal_to_reference(out, g_out, ref, g_ref, rtol=1e-5)
+    w = out.mix_w[out.valid]
+    assert bool(((w > 0) & (w < 1)).all()) and w.std() > 1e-3, "a random head gives per-position weights in (0, 1)"
+    _, hidden, _, _, _ = run_both(arch, 8, 2, 3, K, pad=pad, w_read=0.5)
+    assert (hidden.talk_logp - out.talk_logp)[out.valid].abs().max() > 1e-3, "the rule must change the prediction"

@@ -74,11 +74,12 @@ def test_soft_score_by_hand():
     assert mean_ci([0.0, 0.0, 1e-3]) [0] == 0.0
 
 
-@pytest.mark.parametrize("thoughts", [False, True])
-def test_answer_logprobs_equal_plain_references(thoughts):
+@pytest.mark.parametrize("thoughts,mix_rule", [(False, "hidden"), (True, "hidden"), (True, "prob")])
+def test_answer_logprobs_equal_plain_references(thoughts, mix_rule):
     """Teacher-forced answer log-probs of a padded batch == one plain HF pass per item (thoughts
-    off) or the plain prefix + <sot> thought <eot> reference (thoughts on)."""
+    off) or the plain prefix + <sot> thought <eot> reference (thoughts on; both mixing rules)."""
     model, tok = make_model("llama", dtype=torch.float64)
+    model.set_mix_rule(mix_rule, 0.2)
     items = [gsm8k_item(0, GSM_ROW, "x"), gsm8k_item(1, dict(GSM_ROW, question="Short?"), "y")]
     cfg = ThoughtConfig(thought_len=2, temperature=1.0, attention_backend="split")
     out = answer_logprobs(model, cfg, tok, items, thoughts, gen(0), DEVICE)

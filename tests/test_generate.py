@@ -1,4 +1,5 @@
 """KV-cached generation with thoughts against obviously-right references."""
+import math
 import subprocess
 import sys
 
@@ -23,29 +24,37 @@ def prompts(tok):
 def reference_logprobs(model, prefix: list[int], thought: list[int] | None, resume: bool = False) -> torch.Tensor:
     """(V,) next-token log-probs after `prefix` from plain HF passes, one sequence each: the base
     state of the last token, the state at <eot> of prefix + <sot> thought <eot>, mixed by the
-    written-out mixing MLP; markers masked. `resume`: <eot> at position len(prefix), right after
-    the prefix (thought.talk_positions=resume)."""
+    written-out mixing MLP (states, or with model.mix_rule=prob the two distributions); markers
+    masked. `resume`: <eot> at position len(prefix), right after the prefix
+    (thought.talk_positions=resume)."""
+    def logp(h):
+        z = h @ model.lm_head.weight.T
+        z[[model.sot_id, model.eot_id]] = float("-inf")
+        return torch.log_softmax(z.double(), -1)
+
     backbone = model.base.base_model
     with attn_implementation(model.base, "sdpa"):
         hb = backbone(inputs_embeds=_embed(model, prefix)).last_hidden_state[0, -1]
-        h = hb
-        if thought is not None:
-            seq = prefix + [model.sot_id] + thought + [model.eot_id]
-            pos = list(range(len(seq) - 1)) + [len(prefix) if resume else len(seq) - 1]
-            ht = backbone(inputs_embeds=_embed(model, seq),
-                          position_ids=torch.tensor([pos], device=DEVICE)).last_hidden_state[0, -1]
-            w = _mix_weight(model, hb, ht)
-            h = (1 - w) * hb + w * ht
-    z = h @ model.lm_head.weight.T
-    z[[model.sot_id, model.eot_id]] = float("-inf")
-    return torch.log_softmax(z.double(), -1)
+        if thought is None:
+            return logp(hb)
+        seq = prefix + [model.sot_id] + thought + [model.eot_id]
+        pos = list(range(len(seq) - 1)) + [len(prefix) if resume else len(seq) - 1]
+        ht = backbone(inputs_embeds=_embed(model, seq),
+                      position_ids=torch.tensor([pos], device=DEVICE)).last_hidden_state[0, -1]
+        w = _mix_weight(model, hb, ht)
+        if model.mix_rule == "hidden":
+            return logp((1 - w) * hb + w * ht)
+        w = torch.sigmoid(w + math.log(model.mix_init / (1 - model.mix_init)))
+        return torch.log((1 - w) * logp(hb).exp() + w * logp(ht).exp())
 
 
-@pytest.mark.parametrize("arch,backend,talk_positions", [
-    ("llama", "dense", "after_thought"), ("llama", "split", "after_thought"), ("qwen2", "split", "after_thought"),
-    ("mistral", "dense", "after_thought"), ("llama", "split", "resume")])
-def test_generation_distribution_equals_reference_and_learn_pass(arch, backend, talk_positions):
+@pytest.mark.parametrize("arch,backend,talk_positions,mix_rule", [
+    ("llama", "dense", "after_thought", "hidden"), ("llama", "split", "after_thought", "hidden"),
+    ("qwen2", "split", "after_thought", "hidden"), ("mistral", "dense", "after_thought", "hidden"),
+    ("llama", "split", "resume", "hidden"), ("qwen2", "split", "resume", "prob")])
+def test_generation_distribution_equals_reference_and_learn_pass(arch, backend, talk_positions, mix_rule):
     model, tok = make_model(arch, dtype=torch.float64)
+    model.set_mix_rule(mix_rule, 0.2)
     t, T = 3, 5
     cfg = ThoughtConfig(thought_len=t, n_thoughts=1, talk_len=1, attention_backend=backend,
                         talk_positions=talk_positions)

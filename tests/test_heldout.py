@@ -53,6 +53,23 @@ def test_untrained_mixing_head_gives_exactly_zero_gain():
     assert abs(m["gain"]) <= 1e-12 and abs(m["gain_win"]) <= 1e-12 and m["mix_w"] == 0.0
 
 
+def test_untrained_probability_mixing_head_is_the_fixed_read_mix():
+    """model.mix_rule=prob with the head's last layer at zero: every weight is mix_init, and the
+    mixed prediction equals heldout.read_mix(mix_init) of the same thoughts' read log-probs."""
+    model, tok = make_model("llama", randomize=False)
+    model.set_mix_rule("prob", 0.15)
+    cfg = ThoughtConfig(thought_len=2, n_thoughts=1, talk_len=2, temperature=1.0, w_read=1.0)
+    x, am = random_batch(12, 3, len(tok) - 2, "right", seed=5)
+    ro, s = scores(model, cfg, x, am)
+    with torch.no_grad():
+        out = learn_pass(model, cfg, x, am, ro.anchor, ro.thoughts)
+    v = s["valid"]
+    torch.testing.assert_close(s["w"][v], torch.full_like(s["w"][v], 0.15), rtol=0, atol=1e-12)
+    fixed = read_mix({**s, "read": out.read_logp[..., 0].double()}, 0.15)
+    torch.testing.assert_close(s["mixed"][v], fixed[v], rtol=0, atol=1e-10)
+    assert (s["mixed"] - s["base"])[v].abs().max() > 1e-3
+
+
 def test_read_mix_is_a_mixture_of_the_two_distributions():
     """read_mix(w): log((1 - w) p_base + w p_read) token by token, by hand; w = 1 is the read
     state alone; a wrong thought (p_read ~ 0) costs exactly -log(1 - w); heldout.mixture of two

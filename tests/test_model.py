@@ -1,5 +1,6 @@
 """QuietStarModel: thought tokens, initialisation, mixing head, save/load, errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -97,6 +98,44 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert_equal(emb[[loaded.sot_id, loaded.eot_id]], model.thought_embeds, "emb[[loaded.sot_id, loaded.eot_id]]")
 
 
+def test_probability_mixing_rule_round_trips_and_its_two_forms_agree(tmp_path):
+    """model.mix_rule=prob: the whole mixed distribution (generation, answer scoring) and the
+    target log-probs (learn pass, chunked or not) are the same mixture; save/load keeps the rule;
+    mix() (the hidden-state rule) refuses; bad rules and weights are refused by name."""
+    model, tok = make_model("llama", dtype=torch.float64, seed=2)
+    model.set_mix_rule("prob", 0.2)
+    g = torch.Generator().manual_seed(0)
+    hb, ht = torch.randn(2, 5, 32, generator=g, dtype=torch.float64).unbind(0)
+    targets = torch.randint(0, len(tok) - 2, (5,), generator=g)
+    z, w = model.mixed_logits(hb, ht)
+    want = torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0]
+    for chunk in (0, 2):
+        got, w2 = model.mixed_token_logprobs(hb, ht, targets, chunk)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(w2, w, rtol=0, atol=0)
+    torch.testing.assert_close(torch.logsumexp(z, -1), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert bool(((w > 0) & (w < 1)).all()) and bool(torch.isinf(z[:, [model.sot_id, model.eot_id]]).all())
+    with pytest.raises(ValueError, match="hidden-state rule"):
+        model.mix(hb, ht)
+    model.save_pretrained(str(tmp_path), tokenizer=tok)
+    loaded = QuietStarModel.from_pretrained(str(tmp_path)).double()
+    assert (loaded.mix_rule, loaded.mix_init, loaded.mix_spec) == ("prob", 0.2, "prob:0.2")
+    assert_equal(loaded.mixed_logits(hb, ht)[0], z, "mixed logits after a round trip")
+    for rule, init, match in (("logits", 0.1, "mix_rule='logits'"), ("prob", 1.0, "mix_init=1.0")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            model.set_mix_rule(rule, init)
+
+
+def test_a_resume_that_changes_the_mixing_rule_is_refused():
+    from qstar_ds.checkpoint import CheckpointError, check_compatible
+    old = {"signature": {"thought_len": 2}}                   # written before the rule was recorded
+    check_compatible(old, {"thought_len": 2, "mix": "hidden"}, "ckpt")
+    with pytest.raises(CheckpointError, match=re.escape("mix: 'hidden' -> 'prob:0.01'")):
+        check_compatible(old, {"thought_len": 2, "mix": "prob:0.01"}, "ckpt")
+    with pytest.raises(CheckpointError, match=re.escape("mix: 'prob:0.01' -> 'prob:0.05'")):
+        check_compatible({"signature": {"mix": "prob:0.01"}}, {"mix": "prob:0.05"}, "ckpt")
+
+
 def test_an_exported_directory_is_read_from_safetensors_only(tmp_path):
     """A pickled weights file planted next to (or instead of) the safetensors never runs."""
     import os
@@ -149,12 +188,11 @@ def test_bad_config_names_key_and_value(key, value):
 @pytest.mark.parametrize("cls,key,value", [
     ("OptimConfig", "lr", float("inf")), ("OptimConfig", "eps", -1e-8), ("OptimConfig", "weight_decay", -0.1),
     ("OptimConfig", "betas", (0.9, 1.0)), ("OptimConfig", "betas", (-0.1, 0.99)), ("OptimConfig", "grad_clip", float("nan")),
-    ("EvalConfig", "temperature", 0.0), ("EvalConfig", "holdout_fraction", 1.0), ("EvalConfig", "sequences", 0)])
+    ("EvalConfig", "temperature", 0.0), ("EvalConfig", "holdout_fraction", 1.0), ("EvalConfig", "sequences", 0),
+    ("ModelConfig", "mix_rule", "logits"), ("ModelConfig", "mix_init", 0.0), ("ModelConfig", "mix_init", float("nan"))])
 def test_values_that_make_the_math_non_finite_are_refused(cls, key, value):
-    import re
-
     import qstar_ds.config as config
-    prefix = {"OptimConfig": "optim", "EvalConfig": "eval"}[cls]
+    prefix = {"OptimConfig": "optim", "EvalConfig": "eval", "ModelConfig": "model"}[cls]
     with pytest.raises(ConfigError, match="^" + re.escape(f"{prefix}.{key}={value!r}")):
         getattr(config, cls)(**{key: value})
 

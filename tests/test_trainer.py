@@ -28,7 +28,7 @@ def reference_run(init: dict, overrides: dict) -> dict:
     """The same training, one process, no DeepSpeed: full-batch learn pass, torch SGD."""
     cfg = make_config("debug_cpu", None, {**COMMON, **overrides})
     base, tok = build_base(cfg.model.name, torch.float32, None, cfg.train.seed)
-    model = QuietStarModel.from_base(base, tok)
+    model = QuietStarModel.from_base(base, tok, mix_rule=cfg.model.mix_rule, mix_init=cfg.model.mix_init)
     model.load_state_dict(init)
     groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
     opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
@@ -120,3 +120,19 @@ def test_read_loss_and_read_rewards_under_two_rank_zero3_equal_the_reference(tmp
     assert two["metrics"]["loss_read"] == pytest.approx(out.losses["read"].item(), rel=1e-5)
     plain, _ = reference_run(two["init"], {})
     assert any((plain[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the read loss must change the update"
+
+
+def test_probability_mixing_under_two_rank_zero3_equals_the_reference(tmp_path):
+    """model.mix_rule=prob (the mixture of the two next-token distributions), 2 ranks, fast paths
+    on, against the one-process dense run."""
+    prob = {"model.mix_rule": "prob", "model.mix_init": 0.2}
+    two = run_worker(tmp_path, "prob", 2, {**prob, "thought.attention_backend": "split",
+                                           "thought.loss_chunk_tokens": 16})
+    ref, out = reference_run(two["init"], prob)
+    assert out.losses["reinforce"].abs() > 0
+    w = out.mix_w[out.valid]
+    assert bool(((w > 0) & (w < 1)).all())
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    hidden, _ = reference_run(two["init"], {})
+    assert any((hidden[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the rule must change the update"

@@ -46,8 +46,8 @@ def recompute_generate(model, ids: torch.Tensor, cfg, new_tokens: int) -> float:
             h = backbone(inputs_embeds=model.embed(torch.tensor([seq + th]))).last_hidden_state[0, -1]
             th.append(int(model.logits(h).argmax()))
         h = backbone(inputs_embeds=model.embed(torch.tensor([seq + th + [model.eot_id]]))).last_hidden_state[0, -1]
-        mixed, _ = model.mix(hb, h)
-        seq.append(int(model.logits(mixed).argmax()))
+        z, _ = model.mixed_logits(hb, h)
+        seq.append(int(z.argmax()))
     return time.perf_counter() - t0
 
 
