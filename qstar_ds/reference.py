@@ -7,10 +7,10 @@ For every (row, stream) it builds the plain sequence
 and runs the unmodified HF backbone on it with an ordinary causal mask (attention implementation
 `sdpa` or `eager`, HF's own masks; position ids 0, 1, 2, ... in that order, except that with
 thought.talk_positions=resume <eot> and the talk inputs count again from x_i's position + 1),
-one sequence at a time, and mixes
-with the base model's state from a separate plain run on x (states, or with model.mix_rule=prob
-the two probabilities). Embedding lookup, the mixing MLP, the
-output projection and every loss are written out here without the packed-pass helpers.
+one sequence at a time, and mixes with the base model's state from a separate plain run on x
+(the states, or with model.mix_rule=prob the two next-token probabilities). Embedding lookup, the
+mixing MLP, the output projection and every loss are written out here without the packed-pass
+helpers.
 """
 from __future__ import annotations
 
