@@ -52,6 +52,13 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     assert set(summary["compare_rest"]) == {"filler", "off"} and summary["compare_rest"]["off"]["n"] == 12
     assert summary["compare_rest"]["off"]["pooled"] != summary["compare"]["off"]["pooled"]
     assert summary["final"]["off_s0"]["nll_base"] != summary["final"]["off_s1"]["nll_base"]
+    # the base models (no thoughts), paired by held-out sequence: what training with thoughts did to them
+    assert "quiet_star without thoughts - filler without thoughts: " in lines
+    for seed in (0, 1):
+        q, f = (json.loads((out / f"{a}_s{seed}" / "eval" / "step_00000004.json").read_text())["sequence_nll_base"]
+                for a in ("quiet_star", "filler"))
+        assert abs(sum(a - b for a, b in zip(q, f)) / len(q) - summary["compare_base"]["filler"]["per_seed"][str(seed)][0]) < 1e-12
+    assert summary["compare_base"]["off"]["n"] == 12
     assert (out / "experiment.png").stat().st_size > 10_000
     # the content check: each quiet_star checkpoint on its own held-out sequences (the same base
     # NLL as the trainer's last evaluation), with its own thoughts and with another sequence's

@@ -32,7 +32,9 @@ Prints a table (per arm: held-out NLL without / with thoughts, the gain with its
 on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
 comparisons that decide the question: quiet_star's NLL with thoughts minus each control's best
 prediction (filler: with its filler thoughts; off: the plain model), per held-out sequence, with
-a 95% CI over all (seed, sequence) pairs and per seed. Writes OUT/summary.json and one combined
+a 95% CI over all (seed, sequence) pairs and per seed; and quiet_star's model without thoughts
+minus each control's, the same way (what training with thoughts did to the shared weights:
+whether the run kept what continued pretraining gives). Writes OUT/summary.json and one combined
 plot, OUT/experiment.png.
 """
 from __future__ import annotations
@@ -210,6 +212,21 @@ def compare_lines(cmp: dict, cmp_rest: dict, note: str = "") -> list[str]:
     return lines
 
 
+BASE = "sequence_nll_base"
+
+
+def base_lines(cmp_base: dict) -> list[str]:
+    """quiet_star's model without thoughts minus each control's: what training with thoughts did to
+    the shared weights (the paper's beta lets REINFORCE steer them away from continued pretraining)."""
+    lines = []
+    for ctrl, c in cmp_base.items():
+        m, lo, hi = c["pooled"]
+        verdict = "quiet_star's better" if hi < 0 else ("quiet_star's worse" if lo > 0 else "no significant difference")
+        lines.append(f"quiet_star without thoughts - {ctrl} without thoughts: {m:+.4f} nats/token, 95% CI "
+                     f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} pairs: {verdict} (the base models)")
+    return lines
+
+
 def table(evs: dict, arms: list[str], seeds: list[int], cmp: dict, cmp_rest: dict) -> str:
     head = (f"{'arm':<11} {'seed':>4}  {'NLL base':>9} {'NLL w/ th':>9}  {'gain':>8} {'95% CI':>19}  "
             f"{'hard10':>8}  {'w':>7}  {'tasks (soft, base -> thoughts)'}")
@@ -326,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     evs = {(a, s): run_one(args, a, s, extra) for s in seeds for a in arms}
     cmp, cmp_rest = compare(evs, arms, seeds), compare(evs, arms, seeds, BEST_REST)
-    text = table(evs, arms, seeds, cmp, cmp_rest)
+    cmp_base = compare(evs, arms, seeds, BASE)
+    text = "\n".join([table(evs, arms, seeds, cmp, cmp_rest)] + base_lines(cmp_base))
     content = None
     if "quiet_star" in arms and not args.no_content_check:
         checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)])) is not None}
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                    "final": {f"{a}_s{s}": evs[(a, s)]["summary"] for a in arms for s in seeds},
                    **{name: {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                  "n": v["n"]} for k, v in res.items()}
-                      for name, res in (("compare", cmp), ("compare_rest", cmp_rest))},
+                      for name, res in (("compare", cmp), ("compare_rest", cmp_rest), ("compare_base", cmp_base))},
                    "content": content, "rescore": rescore,
                    "seconds": secs, "table": text}, f, indent=1)
     print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
