@@ -17,8 +17,8 @@ after five prefixes that differ only in what follows "Compute a + b. We have":
   other_step   " x + y = z, so a + b =" (x, y in 1..4)   the cost of inserting any correct step
   answer_step  " a + b = S, so a + b ="                 the answer itself: no thought can say more
 
-and prints, per prefix, the mean NLL of the sum's digits (the space before them and the final "."
-are excluded) with a 95% CI over additions, the share predicted exactly (every digit the argmax),
+and prints, per prefix, the NLL of the sum's digits together (the space before them and the final
+"." excluded), averaged over additions with a 95% CI, the share predicted exactly (every digit the argmax),
 and the paired differences to `direct` and to `other_step` (a step of the same form that says
 nothing about this sum). A model that can use a written step has units_step below
 direct and wrong_step above units_step. Plain text is the model's best case: a thought between
@@ -111,8 +111,8 @@ def digits(tok, target: str) -> slice:
 
 
 def summarize(tok, data: list[tuple[dict[str, str], str]], scored: dict[str, list[dict]]) -> dict:
-    """Per case: mean NLL of the sum's digits (summed over its digits) with a 95% CI, the share
-    exactly right, and the paired difference to direct."""
+    """Per case: the NLL of the sum's digits together, averaged over additions with a 95% CI, the
+    share exactly right, and the paired differences to direct and to other_step."""
     sl = [digits(tok, t) for _, t in data]
     nll = {c: [sum(r["nll"][s]) for r, s in zip(scored[c], sl)] for c in CASES}
     out = {}
