@@ -31,6 +31,9 @@ Per task and thought setting, on the same items (tasks.py for prompts and answer
   --nll_shuffled_thoughts: every position scored again with the thought sampled at the same
   position of another sequence (the previous one): does the model use what it thought, or only
   that it thought? (A pause-token-like effect survives the swap; a content effect does not.)
+  --nll_focus REGEX: the same numbers on the tokens whose text overlaps a match of REGEX in the
+  decoded sequence and on the rest (heldout.token_focus), e.g. '(?<== )-?\\d+' for the results of
+  the built-in corpus's sums: where a thought could compute what one forward pass does not.
 Each score comes with n and a 95% confidence interval (Wilson for accuracies, normal for soft).
 Results: a printed table and a JSON file with every item's prediction.
 """
@@ -40,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,8 +53,9 @@ import torch
 from . import distributed
 from .config import ConfigError, ThoughtConfig
 from .generate import GenerateConfig, entropy, generate, left_pad, think
-from .heldout import (content_effect, line as heldout_line, mean_ci as heldout_mean_ci, mixture, read_mix,
-                      sequence_nll, summarize, token_scores)
+from .heldout import (content_effect, focus_line, focus_positions, focus_summary, line as heldout_line,
+                      mean_ci as heldout_mean_ci, mixture, read_mix, sequence_nll, summarize, token_focus,
+                      token_scores)
 from .layout import Layout
 from .logprobs import at_least_fp32
 from .model import shape_of
@@ -237,8 +242,9 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
                thoughts: torch.Tensor | None = None, index: torch.Tensor | None = None,
                read: bool = False) -> dict[str, torch.Tensor]:
     """heldout.token_scores of sequences (D, n), one thought per position (the filler thought
-    for a model trained with filler thoughts; `thoughts` (D, P, t): these) -> tensors (D, P),
-    and "thoughts" (D, P, t), the thoughts scored. Each batch samples with seed + the index (in
+    for a model trained with filler thoughts; `thoughts` (D, P, t): these) -> tensors (D, P)
+    (with "anchor", the position i each scores x_{i+1} after), and "thoughts" (D, P, t), the
+    thoughts scored. Each batch samples with seed + the index (in
     `index` (D,), default 0..D-1) of its first sequence: with batch size 1 every sequence draws
     the same thoughts however the file is split over ranks. `read`: also "read", the post-thought
     state's own log-prob of the next token."""
@@ -258,6 +264,7 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
         for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w,
                                  read_logp=ro.read_logp).items():
             parts.setdefault(k, []).append(v.cpu())
+        parts.setdefault("anchor", []).append(ro.anchor.cpu())
         parts.setdefault("thoughts", []).append(ro.thoughts.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -333,6 +340,10 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
               for name, th in (("base", False), ("thoughts", True)) for tail, skip in (("", False), ("_rest", True))})
     if mix_ws:
         m["read_mix"] = read_mix_summary(mine, other, mix_ws)
+    pattern = getattr(args, "nll_focus", None)
+    if pattern:
+        where = focus_positions(token_focus(ids, tokenizer, pattern), mine["anchor"], mine["valid"])
+        m["focus"] = {"pattern": pattern, **focus_summary(mine, where, other)}
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
              thoughts="filler" if filler_id is not None else "sampled", thought_samples=draws,
              seconds=time.perf_counter() - t0)
@@ -467,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nll_read_mix", default=None, metavar="W[,W...]",
                     help="nll: also score the next token under (1 - w) p_base + w p_read for each fixed w in "
                          "(0, 1], p_read the state after the thought alone (a probability mixture, no mixing head)")
+    ap.add_argument("--nll_focus", default=None, metavar="REGEX",
+                    help="nll: also report the numbers on the tokens whose text overlaps a match of this regular "
+                         "expression (and on the rest), e.g. '(?<== )-?\\d+' for results after '= '")
     ap.add_argument("--output", default="eval_results.json")
     args = ap.parse_args(argv)
     rank, world = distributed.join_launcher_group()
@@ -499,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
             for w in args.nll_read_mix:
                 if not 0 < w <= 1:
                     raise TaskError(f"--nll_read_mix: w = {w:g} must be in (0, 1]")
+        if args.nll_focus is not None:
+            try:
+                if re.compile(args.nll_focus).pattern == "":
+                    raise re.error("empty")
+            except re.error as e:
+                raise TaskError(f"--nll_focus={args.nll_focus!r}: not a usable regular expression ({e})") from None
         if args.nll_seq_len < args.talk_len + 1:
             raise TaskError(f"--nll_seq_len={args.nll_seq_len}: must be >= talk_len + 1 = {args.talk_len + 1}")
         nll_file = None
@@ -565,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(content_line(nll["shuffled"]))
                 if "read_mix" in nll:
                     print("\n".join(read_mix_lines(nll["read_mix"])))
+                if "focus" in nll:
+                    print(focus_line(nll["focus"]["pattern"], nll["focus"]))
         print(f"results: {args.output}")
     distributed.close(wait=False)
     return 0

@@ -20,12 +20,15 @@ hardest group), the gain at each sequence's first scored position apart from the
 unpacked documents that token follows a document's first token, a format token such as a
 title's "#", which a mixing head learns to correct without thinking) and the positions
 where thinking helped most, and (`content_effect`) how much of the gain is the thought's content:
-the same positions scored again with a thought sampled for another sequence. Pure tensor code: the caller runs the model (trainer: through the
-DeepSpeed engine; evaluate.py: a loaded model).
+the same positions scored again with a thought sampled for another sequence. `token_focus` and
+`focus_summary` split the same numbers by which tokens are predicted (e.g. the results of sums,
+where a thought could compute and a single forward pass may not). Pure tensor code: the caller
+runs the model (trainer: through the DeepSpeed engine; evaluate.py: a loaded model).
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -166,6 +169,101 @@ def read_mix(s: dict[str, torch.Tensor], w: float) -> torch.Tensor:
         raise ValueError(f"read_mix: w = {w} must be in (0, 1]")
     return torch.logaddexp(s["base"] + math.log1p(-w) if w < 1 else torch.full_like(s["base"], -math.inf),
                            s["read"] + math.log(w))
+
+
+def token_focus(ids: torch.Tensor, tokenizer, pattern: str) -> torch.Tensor:
+    """(D, n) token ids -> (D, n) bool: the tokens whose text overlaps a match of the regular
+    expression `pattern` (empty matches ignored) in their sequence's decoded text. Token j's text
+    is what decoding ids[:j+1] adds to decoding ids[:j], so that spaces a tokenizer attaches to a
+    word (SentencePiece's leading space) belong to the token they came with; a token ending inside
+    a multi-byte character gets no characters of its own and the next token gets the character."""
+    rx = re.compile(pattern)
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for d, row in enumerate(ids.tolist()):
+        text = tokenizer.decode(row)
+        hit = [0] * (len(text) + 1)                        # prefix sums of "character is in a match"
+        for m in rx.finditer(text):
+            if m.end() > m.start():
+                hit[m.start()] += 1
+                hit[m.end()] -= 1
+        inside, acc = [], 0
+        for h in hit:
+            acc += h
+            inside.append(acc > 0)
+        cum = [0]
+        for c in inside:
+            cum.append(cum[-1] + c)
+        start = 0
+        for j in range(len(row)):
+            prefix = tokenizer.decode(row[:j + 1])
+            end = len(prefix) if text.startswith(prefix) else start      # cut inside a character
+            end = max(start, min(end, len(text)))
+            out[d, j] = cum[end] > cum[start]
+            start = end
+    return out
+
+
+def focus_positions(token_in_focus: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(D, n) bool from token_focus, (D, P) anchors and validity of token_scores -> (D, P) bool:
+    the valid positions whose scored token x_{i+1} is in focus."""
+    n = token_in_focus.shape[1]
+    return token_in_focus.gather(1, (anchor.long() + 1).clamp(max=n - 1)) & valid.bool()
+
+
+def _per_sequence_or_none(values: torch.Tensor, where: torch.Tensor) -> list:
+    """(D, P), (D, P) bool -> each sequence's mean over `where`, None where it has no position."""
+    w = where.double()
+    cnt = w.sum(1)
+    return [float(v) / float(c) if c > 0 else None for v, c in zip((values * w).sum(1), cnt)]
+
+
+def focus_summary(s: dict[str, torch.Tensor], focus: torch.Tensor, other: dict[str, torch.Tensor] | None = None) -> dict:
+    """token_scores (D, P) split by `focus` (focus_positions): NLL without and with thoughts and
+    the gain on the focus tokens and on the others, each with a 95% CI over the sequences that
+    have such tokens; the gain on focus tokens minus elsewhere, paired by sequence; each
+    sequence's NLL on its focus tokens (None where it has none), in order, for comparing runs
+    paired; with `other` (the same positions with another sequence's thoughts, content_effect),
+    the content effect on the focus tokens and elsewhere (and per sequence on the focus tokens)."""
+    valid = s["valid"].bool()
+    f, rest = focus.bool() & valid, valid & ~focus.bool()
+    gain = s["mixed"] - s["base"]
+    out: dict = {"tokens": int(f.sum()), "sequences": int(f.any(1).sum()), "tokens_outside": int(rest.sum())}
+    out["nll_base"] = mean_ci(per_sequence(-s["base"], f))[0]
+    out["nll_mixed"] = mean_ci(per_sequence(-s["mixed"], f))[0]
+    out["nll_base_outside"] = mean_ci(per_sequence(-s["base"], rest))[0]
+    out["nll_mixed_outside"] = mean_ci(per_sequence(-s["mixed"], rest))[0]
+    for name, where in (("gain", f), ("gain_outside", rest)):
+        m, lo, hi = mean_ci(per_sequence(gain, where))
+        out[name], out[name + "_ci95"] = m, [lo, hi]
+    pairs = [a - b for a, b in zip(_per_sequence_or_none(gain, f), _per_sequence_or_none(gain, rest))
+             if a is not None and b is not None]
+    m, lo, hi = mean_ci(torch.tensor(pairs, dtype=torch.float64))
+    out["gain_focus_minus_outside"], out["gain_focus_minus_outside_ci95"] = m, [lo, hi]
+    out["sequence_nll_base"] = _per_sequence_or_none(-s["base"], f)
+    out["sequence_nll_thoughts"] = _per_sequence_or_none(-s["mixed"], f)
+    if other is not None:
+        ok = other["valid"].bool()
+        diff = s["mixed"] - other["mixed"]
+        for name, where in (("content_gain", f & ok), ("content_gain_outside", rest & ok)):
+            m, lo, hi = mean_ci(per_sequence(diff, where))
+            out[name], out[name + "_ci95"] = m, [lo, hi]
+        out["nll_mixed_other"] = mean_ci(per_sequence(-other["mixed"], f & ok))[0]
+        out["content_gain_sequences"] = _per_sequence_or_none(diff, f & ok)        # for pooling runs
+    return out
+
+
+def focus_line(pattern: str, m: dict) -> str:
+    """One line: focus_summary of the tokens matching `pattern`."""
+    lo, hi = m["gain_ci95"]
+    olo, ohi = m["gain_outside_ci95"]
+    txt = (f"tokens matching {pattern!r} ({m['tokens']} in {m['sequences']} sequences): NLL {m['nll_base']:.4f} "
+           f"without thoughts, {m['nll_mixed']:.4f} with; gain {m['gain']:+.4f} (95% CI {lo:+.4f}..{hi:+.4f}); "
+           f"on the other {m['tokens_outside']} tokens {m['gain_outside']:+.4f} ({olo:+.4f}..{ohi:+.4f})")
+    if "content_gain" in m:
+        clo, chi = m["content_gain_ci95"]
+        txt += (f"; own thoughts against another sequence's on them {m['content_gain']:+.4f} "
+                f"({clo:+.4f}..{chi:+.4f})")
+    return txt
 
 
 def top_positions(s: dict[str, torch.Tensor], thoughts: torch.Tensor, ids: torch.Tensor, tokenizer,

@@ -312,6 +312,42 @@ def test_nll_read_mix_scores_the_post_thought_state_mixed_with_the_base_distribu
     assert got["sequence_nll_thoughts"] == pytest.approx(sequence_nll_of(plain), rel=1e-12)
 
 
+def test_nll_focus_splits_the_scores_by_the_tokens_a_pattern_marks(saved_model):
+    """--nll_focus: the per-sequence NLL on the tokens the pattern marks equals the mean of
+    nll_scores' mixed log-probs at the positions whose next token is marked (by hand from the
+    decoded tokens), the content effect there is the shuffled check's restricted to them, and
+    asking for it changes no other number."""
+    from types import SimpleNamespace
+
+    from qstar_ds.data import arith_document
+    from qstar_ds.evaluate import nll_scores, run_nll
+    from qstar_ds.loading import load_model
+    loaded = load_model(saved_model)
+    tok = loaded.tokenizer
+    flat = tok(" ".join(arith_document(3, i) for i in range(3)))["input_ids"][:3 * 20]
+    ids = torch.tensor(flat).view(3, 20)
+    mask = torch.ones_like(ids)
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2, temperature=1.0)
+
+    def args(focus):
+        return SimpleNamespace(nll_seq_len=20, nll_sequences=3, text_field="text", talk_len=2, batch_size=2, seed=7,
+                               nll_shuffled_thoughts=True, nll_thought_samples=1, nll_focus=focus)
+    got = run_nll(loaded.model, tok, cfg, "x", args(r"\d"), None, 0, 1, (ids, mask))
+    plain = run_nll(loaded.model, tok, cfg, "x", args(None), None, 0, 1, (ids, mask))
+    assert "focus" not in plain and got["sequence_nll_thoughts"] == plain["sequence_nll_thoughts"]
+    s = nll_scores(loaded.model, cfg, ids, mask, 2, 7)
+    v = s["valid"].bool()
+    want = []
+    for d in range(3):
+        digit = [any(c.isdigit() for c in tok.decode([t])) for t in ids[d].tolist()]    # byte-level: one token's text
+        vals = [-float(s["mixed"][d, p]) for p in range(v.shape[1]) if v[d, p] and digit[int(s["anchor"][d, p]) + 1]]
+        want.append(sum(vals) / len(vals))
+    f = got["focus"]
+    assert f["pattern"] == r"\d" and 0 < f["tokens"] < got["tokens"] and f["tokens"] + f["tokens_outside"] == got["tokens"]
+    assert f["sequence_nll_thoughts"] == pytest.approx(want, rel=1e-9)
+    assert "content_gain" in f and f["content_gain"] != 0
+
+
 def sequence_nll_of(s):
     v = s["valid"].bool()
     return [-float(s["mixed"][d][v[d]].mean()) for d in range(s["mixed"].shape[0])]
@@ -325,6 +361,7 @@ def test_evaluate_cli_errors(tmp_path):
                        (["--tasks", "nll", "--nll_thought_samples", "0"], "--nll_thought_samples=0"),
                        (["--tasks", "nll", "--nll_read_mix", "0.1,0"], "--nll_read_mix: w = 0 must be in (0, 1]"),
                        (["--tasks", "nll", "--nll_read_mix", "a"], "--nll_read_mix='a': expected"),
+                       (["--tasks", "nll", "--nll_focus", "(1"], "--nll_focus='(1': not a usable regular expression"),
                        (["--model", "/no/such/dir"], "/no/such/dir")]:
         res = _evaluate(["--model", "tiny-llama"] + args)
         assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

@@ -92,6 +92,26 @@ def test_experiment_runs_three_arms_resumes_and_reports(tmp_path):
     assert "temperature 1, 2 per position, mixed predictions averaged" in two and "(with thoughts, T 1, 2 averaged)" in two
     check = json.loads((out / "quiet_star_s0" / "content_T1_k2.json").read_text())["nll"]
     assert check["thought_samples"] == 2 and len(check["sequence_nll_thoughts"]) == 6
+    # every arm scored again with the held-out tokens split by a pattern (digits), compared there, paired
+    foc = run([TOOL, *common, "--seeds", "0,1", "--focus", r"\d"]).stdout
+    assert foc.count("done earlier") == 6 and foc.count("scoring on '\\\\d'") == 6, foc[-3000:]
+    assert "quiet_star - filler, with thoughts (off: plain), on them: " in foc
+    assert "quiet_star, own thoughts against another sequence's, on them: " in foc
+    fs = json.loads((out / "summary.json").read_text())["focus"]
+    assert fs["pattern"] == r"\d" and set(fs["runs"]) == {f"{a}_s{s}" for a in ("quiet_star", "filler", "off") for s in (0, 1)}
+    assert fs["runs"]["off_s0"]["gain"] == 0.0 and fs["runs"]["quiet_star_s0"]["tokens"] > 0
+    pooled = []
+    for seed in (0, 1):
+        q, f = (json.loads(next((out / f"{a}_s{seed}").glob("focus_*.json")).read_text())["nll"]["focus"]
+                for a in ("quiet_star", "filler"))
+        d = [a - b for a, b in zip(q["sequence_nll_thoughts"], f["sequence_nll_thoughts"]) if a is not None and b is not None]
+        assert fs["compare"]["filler"]["per_seed"][str(seed)][0] == pytest.approx(sum(d) / len(d), abs=1e-12)
+        pooled += d
+    assert fs["compare"]["filler"]["n"] == len(pooled) and fs["compare"]["filler"]["pooled"][0] == pytest.approx(
+        sum(pooled) / len(pooled), abs=1e-12)
+    assert set(fs["compare_base"]) == {"filler", "off"} and fs["content"]["n"] > 0
+    again = run([TOOL, *common, "--seeds", "0,1", "--focus", r"\d"]).stdout
+    assert "scoring on" not in again and "on them: " in again                # done once
 
 
 def test_report_regenerates_from_a_run(tmp_path):
@@ -168,3 +188,14 @@ def test_content_check_refuses_scores_of_other_held_out_sequences(tmp_path):
     path.write_text(json.dumps({"nll": {"sequence_nll_base": [2.0, 4.0, 3.0]}}))
     with pytest.raises(SystemExit, match="not the ones the run's final evaluation scored"):
         tool.content_check(args, 0, ev, 1.0)
+
+
+def test_experiment_refuses_bad_arguments_in_one_line(tmp_path):
+    """Bad arms, seeds, temperatures or focus patterns: exit 2 and one line naming the value, before any run."""
+    for args, want in ((["--arms", "quiet_star,pause"], "'pause'"), (["--seeds", "0,x"], "--seeds='0,x'"),
+                       (["--rescore_temperature", "0"], "--rescore_temperature=0.0"),
+                       (["--focus", "(1"], "--focus='(1' (not a regular expression")):
+        bad = subprocess.run([sys.executable, TOOL, "--out", str(tmp_path / "exp"), "--steps", "2", *args],
+                             capture_output=True, text=True, cwd=ROOT, env=ENV)
+        assert bad.returncode == 2 and want in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "exp").exists()

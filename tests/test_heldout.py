@@ -7,7 +7,8 @@ import torch
 
 from qstar_ds.config import ThoughtConfig
 from qstar_ds.data import SequenceStream, is_heldout
-from qstar_ds.heldout import flat_metrics, mixture, read_mix, sequence_nll, summarize, token_scores
+from qstar_ds.heldout import (flat_metrics, focus_positions, focus_summary, mixture, read_mix, sequence_nll, summarize,
+                              token_focus, token_scores)
 from qstar_ds.learn import learn_pass
 from qstar_ds.rollout import default_positions, rollout
 from qstar_ds.tiny import tiny_tokenizer
@@ -137,6 +138,84 @@ def test_summarize_equals_brute_force():
     assert m["gain_rest"] != pytest.approx(m["gain"], abs=1e-6)
     seq_rest = sequence_nll(s, True, skip_first=True)
     assert float(seq_rest[0]) == pytest.approx(float(-mixed[0][valid[0]][1:].mean()))
+
+
+def test_token_focus_marks_the_tokens_that_overlap_a_match():
+    """token_focus: a token is in focus when its text (what it adds to the decoded prefix) overlaps
+    a match; checked against the tokenizer's own character offsets of each token in the original
+    text, with a multi-byte character split over two tokens (the one that completes it owns it)
+    and a pattern that matches nothing."""
+    import re
+    tok = tiny_tokenizer()
+    texts = ["We have 47 + 38 = 85. Then 12 * 3 = 36, so x = 7.", "caf\u00e9 = 9 and \u00fcber = 10 or y=4"]
+    enc = [tok(t, return_offsets_mapping=True) for t in texts]
+    rows = [e["input_ids"][:21] for e in enc]
+    got = token_focus(torch.tensor(rows), tok, r"(?<== )\d+")
+    for d, (t, e) in enumerate(zip(texts, enc)):
+        inside = {c for m in re.finditer(r"(?<== )\d+", t) for c in range(m.start(), m.end())}
+        spans = e["offset_mapping"][:21]
+        for j, (a, b) in enumerate(spans):
+            shared = [k for k, sp in enumerate(spans) if sp == (a, b)]
+            want = any(c in inside for c in range(a, b))
+            if len(shared) == 1:
+                assert bool(got[d, j]) == want, (d, j, tok.decode([rows[d][j]]))
+            else:                      # the bytes of one character: only the last token has it
+                assert bool(got[d, j]) == (want and j == shared[-1]), (d, j)
+    picked = ["".join(tok.decode([row[j]]) for j, x in enumerate(f.tolist()) if x) for row, f in zip(rows, got)]
+    assert [p.replace(" ", "") for p in picked] == ["85", "910"], picked
+    assert not token_focus(torch.tensor(rows), tok, "zzz").any()
+    every = token_focus(torch.tensor(rows), tok, "(?s).")    # all but the first bytes of \u00e9 and \u00fc
+    assert every[0].all() and (~every[1]).nonzero().flatten().tolist() == [3, 10]
+
+
+def test_focus_summary_equals_brute_force():
+    """focus_summary: the gain on the focus tokens and elsewhere (95% CI over sequences that have
+    such tokens), their paired difference, each sequence's NLL on its focus tokens (None where it
+    has none) and the content effect there, by hand; focus_positions reads x_{i+1}'s flag."""
+    g = torch.Generator().manual_seed(3)
+    D, P, n = 6, 9, 12
+    base = -torch.rand(D, P, generator=g, dtype=torch.float64) * 5
+    mixed = base + torch.randn(D, P, generator=g, dtype=torch.float64) * 0.2
+    other = base + torch.randn(D, P, generator=g, dtype=torch.float64) * 0.2
+    valid = torch.rand(D, P, generator=g) > 0.15
+    tok_focus = torch.rand(D, n, generator=g) > 0.6
+    tok_focus[2] = False                                 # a sequence without focus tokens
+    anchor = torch.arange(P)[None].expand(D, -1) + 1     # position p scores token p + 2
+    f = focus_positions(tok_focus, anchor, valid)
+    for d in range(D):
+        for p in range(P):
+            assert bool(f[d, p]) == (bool(tok_focus[d, p + 2]) and bool(valid[d, p]))
+    s = {"base": base, "mixed": mixed, "valid": valid}
+    m = focus_summary(s, f, {"mixed": other, "valid": valid})
+    fo, rest = f, valid & ~f
+
+    def per_seq(x, where):
+        return [float(x[d][where[d]].mean()) if where[d].any() else None for d in range(D)]
+
+    def mean_ci(xs):
+        xs = [x for x in xs if x is not None]
+        mu = sum(xs) / len(xs)
+        h = 1.96 * math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) / math.sqrt(len(xs))
+        return [mu, mu - h, mu + h]
+    gain = mixed - base
+    assert m["tokens"] == int(fo.sum()) and m["tokens_outside"] == int(rest.sum()) and m["sequences"] == 5
+    assert [m["gain"], *m["gain_ci95"]] == pytest.approx(mean_ci(per_seq(gain, fo)), abs=1e-12)
+    assert [m["gain_outside"], *m["gain_outside_ci95"]] == pytest.approx(mean_ci(per_seq(gain, rest)), abs=1e-12)
+    pairs = [a - b for a, b in zip(per_seq(gain, fo), per_seq(gain, rest)) if a is not None and b is not None]
+    assert [m["gain_focus_minus_outside"], *m["gain_focus_minus_outside_ci95"]] == pytest.approx(mean_ci(pairs), abs=1e-12)
+    want = per_seq(-mixed, fo)
+    assert want[2] is None and m["sequence_nll_thoughts"][2] is None
+    assert [x for x in m["sequence_nll_thoughts"] if x is not None] == pytest.approx([x for x in want if x is not None])
+    assert m["nll_base"] == pytest.approx(mean_ci(per_seq(-base, fo))[0], abs=1e-12)
+    assert m["nll_mixed_outside"] == pytest.approx(mean_ci(per_seq(-mixed, rest))[0], abs=1e-12)
+    assert [m["content_gain"], *m["content_gain_ci95"]] == pytest.approx(mean_ci(per_seq(mixed - other, fo)), abs=1e-12)
+    assert m["content_gain_outside"] == pytest.approx(mean_ci(per_seq(mixed - other, rest))[0], abs=1e-12)
+    assert m["nll_mixed_other"] == pytest.approx(mean_ci(per_seq(-other, fo))[0], abs=1e-12)
+    # every valid position in focus: the focus numbers are summarize's
+    every = focus_summary(s, valid)
+    assert every["gain"] == pytest.approx(summarize({**s, "base_win": base, "mixed_win": mixed,
+                                                     "w": base * 0}, 1)["gain"], abs=1e-12)
+    assert every["tokens_outside"] == 0
 
 
 def test_heldout_split_is_disjoint_and_resumable():

@@ -1,7 +1,7 @@
 """Does it learn? Quiet-STaR against its two controls, same data, steps and optimizer, >= 2 seeds.
 
     python tools/experiment.py --out runs/exp --preset smollm2 --steps 40 --seeds 0,1 \\
-        [--arms quiet_star,filler,off] [--slices 64 --task_data_dir ../shared/data]
+        [--arms quiet_star,filler,off] [--slices 64 --task_data_dir ../shared/data] [--focus REGEX]
         [--launch "torchrun --nproc_per_node 8"] [-- TRAIN.PY OVERRIDES]
 
 For each seed s and arm a, runs `qstar_ds/train.py --preset P --thought.mode a --train.seed s
@@ -28,6 +28,13 @@ the compute; evaluate.py --nll_thought_samples).
 The controls need no rescoring: filler thoughts are fixed and off has none, so their predictions
 do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>[_k<K>].json.
 
+--focus REGEX: also score every run's final checkpoint (all arms) with the held-out tokens split
+by whether their text overlaps a match of REGEX (evaluate.py --nll_focus), e.g. '(?<== )-?\\d+'
+for the results of the built-in corpus's sums, where a thought could compute what one forward
+pass does not: per run the gain there and elsewhere, quiet_star minus each control on those
+tokens (with and without thoughts, paired by sequence), and quiet_star's own thoughts against
+another sequence's there. Written to OUT/<arm>_s<s>/focus_<hash>.json.
+
 Prints a table (per arm: held-out NLL without / with thoughts, the gain with its 95% CI, the gain
 on the hardest 10% of tokens, GSM8K/CSQA soft scores if the runs scored them) and the paired
 comparisons that decide the question: quiet_star's NLL with thoughts minus each control's best
@@ -40,6 +47,7 @@ plot, OUT/experiment.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -90,30 +98,29 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
     return ev
 
 
-def content_check(args, seed: int, ev: dict, temperature: float | None = None, samples: int = 1) -> dict | None:
-    """The shuffled-thought check of quiet_star seed `seed` (evaluate.py's nll_shuffled_thoughts on
-    the run's held-out text), from its final checkpoint, with thoughts sampled at `temperature`
-    (default: the run's evaluation temperature), `samples` per position averaged; done once
-    (content.json, content_T<T>.json, content_T<T>_k<samples>.json)."""
-    out = os.path.join(args.out, f"quiet_star_s{seed}")
+def scored(args, arm: str, seed: int, ev: dict, name: str, flags: list[str], temperature: float | None = None,
+           what: str = "rescoring") -> dict | None:
+    """`arm` seed `seed`'s final checkpoint scored on its held-out sequences by evaluate.py's nll
+    task with `flags`, thoughts sampled at `temperature` (default: the run's evaluation
+    temperature) with the run's seed; done once (OUT/<arm>_s<seed>/<name>.json). Refuses a file
+    whose sequences are not the ones the run's final evaluation scored."""
+    out = os.path.join(args.out, f"{arm}_s{seed}")
     m = ev["summary"]
-    name = "content" if temperature is None else f"content_T{temperature:g}" + (f"_k{samples}" if samples > 1 else "")
     path = os.path.join(out, name + ".json")
     if not os.path.isfile(path):
         ckpt = os.path.join(out, "checkpoints", f"step_{args.steps:08d}")
         if not os.path.isdir(ckpt):
-            print(f"[experiment] content check of quiet_star seed {seed} skipped: no checkpoint {ckpt}", flush=True)
+            print(f"[experiment] {what} of {arm} seed {seed} skipped: no checkpoint {ckpt}", flush=True)
             return None
         temp = m["temperature"] if temperature is None else temperature
         cmd = [sys.executable, "-m", "qstar_ds.evaluate", "--model", ckpt, "--tasks", "nll", "--nll_heldout",
-               "--nll_shuffled_thoughts", "--thought_temperature", str(temp), "--talk_len",
-               str(m["talk_len"]), "--nll_sequences", str(m["sequences"]), "--seed", str(seed),
-               "--nll_thought_samples", str(samples), "--output", path]
-        print(f"[experiment] content check, quiet_star seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+               "--thought_temperature", str(temp), "--talk_len", str(m["talk_len"]),
+               "--nll_sequences", str(m["sequences"]), "--seed", str(seed)] + flags + ["--output", path]
+        print(f"[experiment] {what}, {arm} seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         with open(os.path.join(out, "experiment_run.log"), "a") as log:
             res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         if res.returncode != 0:
-            raise SystemExit(f"[experiment] content check of quiet_star seed {seed} failed (exit {res.returncode}); "
+            raise SystemExit(f"[experiment] {what} of {arm} seed {seed} failed (exit {res.returncode}); "
                              f"see {os.path.join(out, 'experiment_run.log')}")
     with open(path) as f:
         check = json.load(f)["nll"]
@@ -125,6 +132,83 @@ def content_check(args, seed: int, ev: dict, temperature: float | None = None, s
         raise SystemExit(f"[experiment] {path}: its held-out sequences are not the ones the run's final evaluation "
                          f"scored (base NLL per sequence differs); delete it and rerun")
     return check
+
+
+def content_check(args, seed: int, ev: dict, temperature: float | None = None, samples: int = 1) -> dict | None:
+    """The shuffled-thought check of quiet_star seed `seed` (evaluate.py's nll_shuffled_thoughts on
+    the run's held-out text), from its final checkpoint, with thoughts sampled at `temperature`
+    (default: the run's evaluation temperature), `samples` per position averaged; done once
+    (content.json, content_T<T>.json, content_T<T>_k<samples>.json)."""
+    name = "content" if temperature is None else f"content_T{temperature:g}" + (f"_k{samples}" if samples > 1 else "")
+    return scored(args, "quiet_star", seed, ev, name, ["--nll_shuffled_thoughts", "--nll_thought_samples",
+                                                        str(samples)], temperature, "content check")
+
+
+def focus_check(args, arm: str, seed: int, ev: dict, pattern: str) -> dict | None:
+    """`arm` seed `seed` scored on its held-out sequences split by the tokens `pattern` marks
+    (evaluate.py --nll_focus; quiet_star also with another sequence's thoughts): its focus
+    summary, or None without a checkpoint. OUT/<arm>_s<seed>/focus_<hash of pattern>.json."""
+    name = "focus_" + hashlib.sha1(pattern.encode()).hexdigest()[:10]
+    flags = ["--nll_focus", pattern] + (["--nll_shuffled_thoughts"] if arm == "quiet_star" else [])
+    check = scored(args, arm, seed, ev, name, flags, what=f"scoring on {pattern!r}")
+    return None if check is None else check["focus"]
+
+
+def paired(a: list, b: list) -> list[float]:
+    """Differences of two per-sequence lists where both have a value (None: no such token)."""
+    return [x - y for x, y in zip(a, b) if x is not None and y is not None]
+
+
+def focus_summary(focus: dict, arms: list[str], seeds: list[int]) -> dict:
+    """From focus_check results {(arm, seed): summary}: per run the gain on the focus tokens and
+    elsewhere; quiet_star minus each control on the focus tokens, with thoughts and without,
+    paired by sequence and pooled over seeds; quiet_star's content effect there, pooled."""
+    out: dict = {"runs": {f"{a}_s{s}": {k: focus[(a, s)].get(k) for k in ("tokens", "sequences", "nll_base", "nll_mixed",
+                                                                       "nll_base_outside",
+                                                                       "gain", "gain_ci95", "gain_outside",
+                                                                       "gain_outside_ci95", "gain_focus_minus_outside",
+                                                                       "gain_focus_minus_outside_ci95")}
+                          for a in arms for s in seeds if (a, s) in focus}}
+    if "quiet_star" not in arms:
+        return out
+    for key, tag in (("sequence_nll_thoughts", "compare"), ("sequence_nll_base", "compare_base")):
+        res = {}
+        for ctrl in [a for a in arms if a != "quiet_star"]:
+            per_seed = {s: paired(focus[("quiet_star", s)][key], focus[(ctrl, s)][key]) for s in seeds
+                        if ("quiet_star", s) in focus and (ctrl, s) in focus}
+            pooled = [x for d in per_seed.values() for x in d]
+            if len(pooled) >= 2:
+                res[ctrl] = {"pooled": mean_ci(pooled), "n": len(pooled),
+                             "per_seed": {str(s): mean_ci(d) for s, d in per_seed.items() if d}}
+        out[tag] = res
+    pooled = [x for s in seeds if ("quiet_star", s) in focus
+              for x in focus[("quiet_star", s)].get("content_gain_sequences", []) if x is not None]
+    if len(pooled) >= 2:
+        out["content"] = {"pooled": mean_ci(pooled), "n": len(pooled)}
+    return out
+
+
+def focus_lines(pattern: str, fs: dict) -> list[str]:
+    lines = [f"on the tokens matching {pattern!r} (and, after 'elsewhere', on the others):"]
+    for run, r in fs["runs"].items():
+        lo, hi = r["gain_ci95"]
+        olo, ohi = r["gain_outside_ci95"]
+        other = f" (elsewhere {r['nll_base_outside']:.4f})" if r.get("nll_base_outside") is not None else ""
+        lines.append(f"  {run}: {r['tokens']} tokens, NLL {r['nll_base']:.4f}{other} without thoughts, {r['nll_mixed']:.4f} "
+                     f"with; gain {r['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}]; elsewhere {r['gain_outside']:+.4f} "
+                     f"[{olo:+.4f}, {ohi:+.4f}]; difference {r['gain_focus_minus_outside']:+.4f} "
+                     f"[{r['gain_focus_minus_outside_ci95'][0]:+.4f}, {r['gain_focus_minus_outside_ci95'][1]:+.4f}]")
+    for tag, what in (("compare", "with thoughts (off: plain)"), ("compare_base", "without thoughts")):
+        for ctrl, c in fs.get(tag, {}).items():
+            m, lo, hi = c["pooled"]
+            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
+            lines.append(f"  quiet_star - {ctrl}, {what}, on them: {m:+.4f} nats/token [{lo:+.4f}, {hi:+.4f}] over "
+                         f"{c['n']} (seed, sequence) pairs: {verdict}")
+    if "content" in fs:
+        m, lo, hi = fs["content"]["pooled"]
+        lines.append(f"  quiet_star, own thoughts against another sequence's, on them: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                     f"over {fs['content']['n']} pairs")
+    return lines
 
 
 def rescored(evs: dict, checks: dict) -> dict:
@@ -319,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rescore_temperature", type=float, default=None,
                     help="also score each quiet_star checkpoint with thoughts sampled at this temperature (e.g. "
                          "the training one) and compare with the controls again, paired")
+    ap.add_argument("--focus", default=None, metavar="REGEX",
+                    help="also score every run's final checkpoint on the held-out tokens matching this regular "
+                         "expression and on the rest (evaluate.py --nll_focus), and compare the arms there, paired")
     ap.add_argument("--rescore_samples", type=int, default=1, metavar="K",
                     help="with --rescore_temperature: K thoughts per position, the mixed predictions averaged")
     args = ap.parse_args(argv)
@@ -331,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         seeds = []
     if args.rescore_temperature is not None and not args.rescore_temperature > 0:
         bad.append(f"--rescore_temperature={args.rescore_temperature} (must be > 0)")
+    if args.focus is not None:
+        import re
+        try:
+            re.compile(args.focus)
+        except re.error as e:
+            bad.append(f"--focus={args.focus!r} (not a regular expression: {e})")
     if args.rescore_samples < 1:
         bad.append(f"--rescore_samples={args.rescore_samples} (must be >= 1)")
     if bad or not arms or not seeds or args.steps < 1:
@@ -369,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                                content_lines(rs["content"])))
             rescore = {**rs, **{k: {c: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                         "n": v["n"]} for c, v in rs[k].items()} for k in ("compare", "compare_rest")}}
+    focus = None
+    if args.focus:
+        got = {(a, s): f for a in arms for s in seeds if (f := focus_check(args, a, s, evs[(a, s)], args.focus)) is not None}
+        focus = {"pattern": args.focus, **focus_summary(got, arms, seeds)}
+        text += "\n\n" + "\n".join(focus_lines(args.focus, focus))
     print(text)
     png = os.path.join(args.out, "experiment.png")
     plot(args, arms, seeds, evs, cmp, png, rescore)
@@ -380,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                    **{name: {k: {"pooled": v["pooled"], "per_seed": {str(s): x for s, x in v["per_seed"].items()},
                                  "n": v["n"]} for k, v in res.items()}
                       for name, res in (("compare", cmp), ("compare_rest", cmp_rest), ("compare_base", cmp_base))},
-                   "content": content, "rescore": rescore,
+                   "content": content, "rescore": rescore, "focus": focus,
                    "seconds": secs, "table": text}, f, indent=1)
     print(f"plot: {png}\nsummary: {os.path.join(args.out, 'summary.json')}")
     return 0
