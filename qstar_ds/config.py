@@ -7,6 +7,7 @@ with one line naming the key and the value.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -52,6 +53,13 @@ class ThoughtConfig:
     trains over the steps, and a step's thought work (rollout, learn streams, REINFORCE) is
     k / (n - K) of thinking everywhere, so longer sequences cost what short ones did. Held-out
     evaluation always thinks after every position."""
+    position_focus: str = ""
+    """With thought.positions = k > 0: a regular expression; the positions i whose next token
+    x_{i+1} (in any sequence of the step's batch) overlaps a match in the decoded text
+    (heldout.token_focus) think first, the drawn ones fill the rest of the k. E.g. '(?<== )-?\\d+':
+    think before the results of the built-in corpus's sums, where a thought could compute. Empty:
+    no preference. Held-out evaluation still thinks after every position (evaluate.py --nll_focus
+    scores the same tokens apart)."""
     talk_positions: str = "after_thought"
     """Position ids of the talk part of a stream (<eot>, x_{i+1} .. x_{i+K-1}). after_thought:
     right after the thought, as in the plain text x_<=i <sot> thought <eot> x_{i+1} (the paper).
@@ -128,6 +136,12 @@ class ThoughtConfig:
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
+        _require(isinstance(self.position_focus, str), "position_focus", self.position_focus, "must be a string")
+        if self.position_focus:
+            try:
+                re.compile(self.position_focus)
+            except re.error as e:
+                _require(False, "position_focus", self.position_focus, f"is not a regular expression ({e})")
         _require(self.talk_positions in TALK_POSITIONS, "talk_positions", self.talk_positions,
                  f"must be one of {list(TALK_POSITIONS)}")
         from .attention import BACKENDS
@@ -388,6 +402,9 @@ class Config:
         _require(self.thought.positions <= n - K, "thought.positions", self.thought.positions,
                  f"is more than the {n - K} positions of a sequence of data.seq_len={n} whose "
                  f"{K}-token talk window fits (0 = all of them)")
+        _require(not self.thought.position_focus or self.thought.positions > 0, "thought.position_focus",
+                 self.thought.position_focus, "needs thought.positions > 0 (how many positions think per step; "
+                 "with 0 every position thinks and there is nothing to prefer)")
         need = n + self.thought.stream_len
         _require(self.eval.source is not None or self.eval.holdout_fraction > 0, "eval.holdout_fraction",
                  self.eval.holdout_fraction, "must be > 0 when eval.source is not set (nothing to evaluate on)")

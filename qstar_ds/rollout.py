@@ -68,16 +68,22 @@ def splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def step_positions(n: int, talk_len: int, count: int, seed: int, step: int, device=None) -> torch.Tensor:
+def step_positions(n: int, talk_len: int, count: int, seed: int, step: int, device=None,
+                   prefer: torch.Tensor | None = None) -> torch.Tensor:
     """The (count,) sorted positions that think at optimizer step `step` (thought.positions):
     every position whose talk window fits when count is 0 or all of them, else the `count` with
     the smallest hash of (seed, step, position): uniform over positions, the same on every rank
-    and device, and a new draw at every step."""
+    and device, and a new draw at every step. `prefer` (n - talk_len,) bool (thought.position_focus):
+    the preferred positions come first (the `count` of them with the smallest hash if there are
+    more), the others fill what is left."""
     every = default_positions(n, talk_len)
     if count == 0 or count >= every.numel():
         return every.to(device)
     h = splitmix64(splitmix64(splitmix64(torch.tensor([seed], dtype=torch.long)) ^ step) ^ every)
-    return every[torch.argsort(h)[:count]].sort().values.to(device)
+    order = torch.argsort(h)
+    if prefer is not None:
+        order = order[torch.argsort((~prefer.cpu().bool())[order].to(torch.uint8), stable=True)]
+    return every[order[:count]].sort().values.to(device)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_
 from .ds_config import fill_ds_config, load_ds_json, resolve_dtype, zero_stage
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
-from .heldout import flat_metrics, line as heldout_line
+from .heldout import flat_metrics, line as heldout_line, token_focus
 from .heldout_eval import VIEWER_PAGE, HeldoutEval
 from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
@@ -185,17 +185,28 @@ class Trainer:
                 f"{zero_stage(self.ds_config)}; model {c.model.name}; n={c.data.seq_len} r={c.thought.n_thoughts} "
                 f"thought_len={c.thought.thought_len} K={c.thought.talk_len}"
                 + (f", thinking at {c.thought.positions} of {c.data.seq_len - c.thought.talk_len} positions per step"
-                   if c.thought.positions else "") + f"; batch {c.train.batch_size} seq/step, "
+                   if c.thought.positions else "")
+                + (f" (first those before tokens matching {c.thought.position_focus!r})" if c.thought.position_focus else "") + f"; batch {c.train.batch_size} seq/step, "
                 f"{p.n_streams} streams/seq in {p.chunks_per_seq} chunk(s) of <= {p.streams_per_chunk} "
                 f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}{self.backend_note}"
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def _positions(self, n: int) -> torch.Tensor:
+    def _positions(self, n: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
         """(P,) the positions that think at this step: all, or thought.positions of them drawn
-        for this step (rollout.step_positions; the same on every rank and after a resume)."""
+        for this step (rollout.step_positions; the same on every rank and after a resume), the
+        `prefer`red ones (_preferred) first."""
         return step_positions(n, self.cfg.thought.talk_len, self.cfg.thought.positions, self.cfg.train.seed,
-                              self.step, self.device)
+                              self.step, self.device, prefer=prefer)
+
+    def _preferred(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor | None:
+        """(n - K,) bool: position i is preferred when x_{i+1} of some sequence is marked by
+        thought.position_focus; None without one."""
+        pattern = self.cfg.thought.position_focus
+        if not pattern or not self.cfg.thought.positions:
+            return None
+        marked = token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool()          # (B, n)
+        return marked[:, 1:].any(0)[:x.shape[1] - self.cfg.thought.talk_len]   # every rank holds the whole batch
 
     def _rollouts(self, x: torch.Tensor, x_mask: torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +274,8 @@ class Trainer:
         """One optimizer step (module docstring). -> (metrics, what the thought table shows)."""
         x, x_mask = x.to(self.device), x_mask.to(self.device)
         t0 = time.perf_counter()
-        positions = self._positions(x.shape[1])                                        # (P,)
+        prefer = self._preferred(x, x_mask)                                            # (n - K,) or None
+        positions = self._positions(x.shape[1], prefer)                                # (P,)
         thoughts, rewards = self._thoughts(x, x_mask, positions)                       # (B, M, t), (B, M)
         t_rollout = time.perf_counter() - t0
         anchor, valid, norm = self._streams(x_mask, positions)                         # (B, M), (B, M)
@@ -273,6 +285,8 @@ class Trainer:
             self.dist.backward_step(out.loss, weight)
             totals.add(out, weight)
         metrics = self._step_metrics(totals, rewards[valid], x.numel(), time.perf_counter() - t0, t_rollout)
+        if prefer is not None:     # how many of the positions that thought were the preferred ones
+            metrics["think_focus_positions"] = int(prefer[positions.cpu()].sum())
         return metrics, (x, thoughts, rewards, anchor, valid)
 
     def _streams(self, x_mask: torch.Tensor, positions: torch.Tensor

@@ -58,6 +58,8 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--data.seq_len", "3", "--thought.talk_len", "3"], "data.seq_len=3: is shorter than thought.talk_len + 1 = 4"),
     (["--thought.positions", "23"], "thought.positions=23: is more than the 22 positions of a sequence of data.seq_len=24"),
     (["--thought.positions", "-1"], "thought.positions=-1: must be an integer >= 0"),
+    (["--thought.positions", "5", "--thought.position_focus", "(1"], "thought.position_focus='(1': is not a regular expression"),
+    (["--thought.position_focus", "\\d"], "thought.position_focus='\\\\d': needs thought.positions > 0"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),

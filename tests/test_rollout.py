@@ -178,3 +178,30 @@ def test_step_positions_are_a_fresh_uniform_draw_each_step_the_same_everywhere()
     assert float(counts.min()) > expected * 0.6 and float(counts.max()) < expected * 1.4, counts
     for every in (0, n - K):
         assert_equal(step_positions(n, K, every, seed=3, step=7), default_positions(n, K), "all positions")
+
+
+def test_step_positions_take_the_preferred_ones_first():
+    """prefer (thought.position_focus): with fewer preferred positions than P, all of them think
+    and the draw fills the rest from the others in its own order; with more, P of them, by the
+    same hash order as without a preference; no preference is the plain draw."""
+    n, K, P = 40, 4, 9
+    assert_equal(step_positions(n, K, P, seed=3, step=5, prefer=None), step_positions(n, K, P, seed=3, step=5), "none")
+    few = torch.zeros(n - K, dtype=torch.bool)
+    few[[2, 17, 30]] = True
+    got = step_positions(n, K, P, seed=3, step=5, prefer=few)
+    assert {2, 17, 30} <= set(got.tolist()) and got.numel() == P and bool((got[1:] > got[:-1]).all())
+    rest = step_positions(n, K, n - K - 3, seed=3, step=5, prefer=~few)     # the draw among the others
+    for k in range(P - 3, 0, -1):           # the fill is a prefix of the others' draw order
+        fill = set(step_positions(n, K, 3 + k, seed=3, step=5, prefer=few).tolist()) - {2, 17, 30}
+        assert len(fill) == k and fill <= set(rest.tolist())
+    many = torch.zeros(n - K, dtype=torch.bool)
+    many[::2] = True                                                # 18 preferred > P
+    got = step_positions(n, K, P, seed=3, step=5, prefer=many)
+    assert all(i % 2 == 0 for i in got.tolist()) and got.numel() == P
+    # among the preferred, the same order as the plain draw: the plain draw of P' positions
+    # restricted to even ones is a prefix of what the preference picks
+    for Q in range(1, 36):
+        evens = [i for i in step_positions(n, K, Q, seed=3, step=5).tolist() if i % 2 == 0]
+        if len(evens) >= P:
+            break
+        assert set(evens) <= set(got.tolist())

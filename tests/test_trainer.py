@@ -10,6 +10,8 @@ checks clipping itself. float32 (DeepSpeed's ZeRO optimizer keeps float32 master
 Tolerance: per tensor, |ours - reference| <= 1e-3 * max|update| + 4 float32 ulps of the
 parameter's magnitude (p + update is rounded at ulp(p)).
 """
+import re
+
 import pytest
 import torch
 
@@ -38,7 +40,13 @@ def reference_run(init: dict, overrides: dict) -> dict:
                             holdout=cfg.eval.holdout_fraction)      # the trainer never reads the held-out split
     for step in range(cfg.train.max_steps):
         x, am = stream.next_batch(cfg.train.batch_size)
-        pos = step_positions(x.shape[1], cfg.thought.talk_len, cfg.thought.positions, cfg.train.seed, step)
+        prefer = None
+        if cfg.thought.position_focus:      # positions before a marked token of any sequence of the batch
+            marked = [[bool(re.search(cfg.thought.position_focus, tok.decode(x[s, :j + 1])[len(tok.decode(x[s, :j])):]))
+                       for j in range(x.shape[1])] for s in range(x.shape[0])]   # a token's own text (no match across tokens)
+            prefer = torch.tensor([any(m[i + 1] for m in marked) for i in range(x.shape[1] - cfg.thought.talk_len)])
+        pos = step_positions(x.shape[1], cfg.thought.talk_len, cfg.thought.positions, cfg.train.seed, step,
+                             prefer=prefer)
         ros = [rollout(model, cfg.thought, x[s:s + 1], am[s:s + 1], pos,
                        sequence_noise(cfg.train.seed, step, [s], "cpu")) for s in range(x.shape[0])]
         thoughts = torch.cat([r.thoughts for r in ros])
@@ -105,6 +113,21 @@ def test_thinking_at_a_subset_of_positions_under_two_rank_zero3_equals_the_refer
     assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     every, _ = reference_run(two["init"], {"train.batch_size": 1})
     assert any((every[k] - ref[k]).abs().max() > 1e-4 for k in ref), "a subset must change the update"
+
+
+def test_thinking_before_marked_tokens_under_two_rank_zero3_equals_the_reference(tmp_path):
+    """thought.position_focus '\\d' with 4 of 22 positions: every rank prefers the positions before
+    a digit of any sequence of the batch (batch 2 on 2 ranks: each rolls out one sequence), as
+    the one-process reference computes them from each token's own text."""
+    focus = {"thought.positions": 4, "thought.position_focus": r"\d", "train.batch_size": 2}
+    two = run_worker(tmp_path, "focus", 2, focus)
+    ref, out = reference_run(two["init"], focus)
+    assert out.valid.shape[1] == 4 * 2 and out.losses["reinforce"].abs() > 0
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert two["metrics"]["think_focus_positions"] == 4          # the built-in corpus has digits everywhere
+    drawn, _ = reference_run(two["init"], {"thought.positions": 4, "train.batch_size": 2})
+    assert any((drawn[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the preference must change the update"
 
 
 def test_read_loss_and_read_rewards_under_two_rank_zero3_equal_the_reference(tmp_path):
