@@ -171,35 +171,44 @@ def read_mix(s: dict[str, torch.Tensor], w: float) -> torch.Tensor:
                            s["read"] + math.log(w))
 
 
+TOKEN_TEXT_CONTEXT = 8
+"""token_focus: tokens decoded before each token to find its own text (a character split over
+more bytes than this many tokens is lost; the cost per token is two decodes of this many)."""
+
+
+def token_texts(row: list[int], tokenizer) -> list[str]:
+    """Each token's own text: what decoding it adds to decoding the TOKEN_TEXT_CONTEXT tokens
+    before it, so that a space a tokenizer attaches to a word (SentencePiece's leading space)
+    stays with its token; a token that ends inside a multi-byte character gets "" and the token
+    that completes it gets the whole character. Joined, the texts are the decoded sequence."""
+    out = []
+    for j in range(len(row)):
+        a = max(0, j - TOKEN_TEXT_CONTEXT)
+        before = tokenizer.decode(row[a:j]).rstrip("\ufffd") if j > a else ""
+        both = tokenizer.decode(row[a:j + 1])
+        piece = both[len(before):] if both.startswith(before) else ""
+        out.append("" if piece.endswith("\ufffd") else piece)
+    return out
+
+
 def token_focus(ids: torch.Tensor, tokenizer, pattern: str) -> torch.Tensor:
-    """(D, n) token ids -> (D, n) bool: the tokens whose text overlaps a match of the regular
-    expression `pattern` (empty matches ignored) in their sequence's decoded text. Token j's text
-    is what decoding ids[:j+1] adds to decoding ids[:j], so that spaces a tokenizer attaches to a
-    word (SentencePiece's leading space) belong to the token they came with; a token ending inside
-    a multi-byte character gets no characters of its own and the next token gets the character."""
+    """(D, n) token ids -> (D, n) bool: the tokens whose own text (token_texts) overlaps a match
+    of the regular expression `pattern` (empty matches ignored) in the sequence's text."""
     rx = re.compile(pattern)
     out = torch.zeros(ids.shape, dtype=torch.bool)
     for d, row in enumerate(ids.tolist()):
-        text = tokenizer.decode(row)
-        hit = [0] * (len(text) + 1)                        # prefix sums of "character is in a match"
+        pieces = token_texts(row, tokenizer)
+        text = "".join(pieces)
+        cum = [0] * (len(text) + 1)                  # cum[c]: characters before c inside a match
+        inside = bytearray(len(text))
         for m in rx.finditer(text):
-            if m.end() > m.start():
-                hit[m.start()] += 1
-                hit[m.end()] -= 1
-        inside, acc = [], 0
-        for h in hit:
-            acc += h
-            inside.append(acc > 0)
-        cum = [0]
-        for c in inside:
-            cum.append(cum[-1] + c)
+            inside[m.start():m.end()] = b"\x01" * (m.end() - m.start())
+        for c in range(len(text)):
+            cum[c + 1] = cum[c] + inside[c]
         start = 0
-        for j in range(len(row)):
-            prefix = tokenizer.decode(row[:j + 1])
-            end = len(prefix) if text.startswith(prefix) else start      # cut inside a character
-            end = max(start, min(end, len(text)))
-            out[d, j] = cum[end] > cum[start]
-            start = end
+        for j, piece in enumerate(pieces):
+            out[d, j] = cum[start + len(piece)] > cum[start]
+            start += len(piece)
     return out
 
 

@@ -168,6 +168,28 @@ def test_token_focus_marks_the_tokens_that_overlap_a_match():
     assert every[0].all() and (~every[1]).nonzero().flatten().tolist() == [3, 10]
 
 
+def test_token_texts_keep_the_spaces_a_sentencepiece_tokenizer_attaches_to_words():
+    """With a Metaspace (SentencePiece-style) tokenizer a token decoded alone loses its leading
+    space; token_texts keeps it, joined they are the decoded sequence, and a pattern that needs
+    the space (' \\d+') marks the digits' tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qstar_ds.heldout import token_texts
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.train_from_iterator(["We have 47 + 38 = 85. Then 12 * 3 = 36, so x = 7. " * 20],
+                           trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    ids = tok("Then 12 * 3 = 36, so x = 7 and 47 + 38 = 85")["input_ids"]
+    texts = token_texts(ids, tok)
+    assert "".join(texts) == tok.decode(ids)
+    assert not any(tok.decode([i]).startswith(" ") for i in ids)             # alone, the space is gone
+    marked = token_focus(torch.tensor([ids]), tok, r" \d+")[0].tolist()
+    assert "".join(t for t, m in zip(texts, marked) if m).replace(" ", "") == "12336,7473885"
+
+
 def test_focus_summary_equals_brute_force():
     """focus_summary: the gain on the focus tokens and elsewhere (95% CI over sequences that have
     such tokens), their paired difference, each sequence's NLL on its focus tokens (None where it
