@@ -20,6 +20,15 @@ def _require(cond: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def _require_regex(key: str, value) -> None:
+    """`value`: a string that compiles as a regular expression (empty allowed: off)."""
+    _require(isinstance(value, str), key, value, "must be a string (a regular expression)")
+    try:
+        re.compile(value)
+    except re.error as e:
+        _require(False, key, value, f"is not a regular expression ({e})")
+
+
 MODES = ("quiet_star", "filler", "off")
 REWARDS = ("mixed", "read")
 TALK_POSITIONS = ("after_thought", "resume")
@@ -136,12 +145,7 @@ class ThoughtConfig:
         _require(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
-        _require(isinstance(self.position_focus, str), "position_focus", self.position_focus, "must be a string")
-        if self.position_focus:
-            try:
-                re.compile(self.position_focus)
-            except re.error as e:
-                _require(False, "position_focus", self.position_focus, f"is not a regular expression ({e})")
+        _require_regex("position_focus", self.position_focus)
         _require(self.talk_positions in TALK_POSITIONS, "talk_positions", self.talk_positions,
                  f"must be one of {list(TALK_POSITIONS)}")
         from .attention import BACKENDS
@@ -355,6 +359,10 @@ class EvalConfig:
     """Sampling temperature of evaluation thoughts (the paper evaluates near-greedy)."""
     seed: int = 0
     """Seeds evaluation thought sampling (the same at every evaluation, so curves compare like with like)."""
+    focus: str | None = None
+    """A regular expression: also report the held-out numbers on the tokens whose text overlaps a
+    match (heldout.token_focus) and on the rest ("focus_*" in metrics and eval files; evaluate.py
+    --nll_focus). None: thought.position_focus, where thinking was trained; "": off."""
     tasks_every_eval: bool = False
     """Also score the GSM8K/CSQA slices at every evaluation (else only at the end)."""
     gsm8k: int = 0
@@ -375,6 +383,8 @@ class EvalConfig:
             _require(isinstance(v, int) and v >= 0, f"eval.{key}", v, "must be an integer >= 0")
         _require(math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE, "eval.temperature",
                  self.temperature, f"must be a finite number >= {MIN_TEMPERATURE}")
+        if self.focus is not None:
+            _require_regex("eval.focus", self.focus)
 
 
 @dataclass

@@ -302,7 +302,12 @@ def line(prefix: str, m: dict) -> str:
     if "gain_hard10" in m:
         txt += f"; hardest 10%: {m['gain_hard10']:+.4f}"
     wlo, whi = m["gain_win_ci95"]
-    return txt + f"; {m.get('talk_len', 'K')}-token window {m['gain_win']:+.4f} ({wlo:+.4f}..{whi:+.4f}); w {m['mix_w']:.4f}"
+    txt += f"; {m.get('talk_len', 'K')}-token window {m['gain_win']:+.4f} ({wlo:+.4f}..{whi:+.4f}); w {m['mix_w']:.4f}"
+    if "focus_gain" in m:      # the trainer's eval.focus, flattened
+        flo, fhi = m["focus_gain_ci95"]
+        txt += (f"; on the {m['focus_tokens']} tokens matching {m['focus_pattern']!r} {m['focus_gain']:+.4f} "
+                f"({flo:+.4f}..{fhi:+.4f}), elsewhere {m['focus_gain_outside']:+.4f}")
+    return txt
 
 
 def flat_metrics(m: dict, prefix: str = "eval/") -> dict:

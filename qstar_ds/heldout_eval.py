@@ -14,7 +14,7 @@ import torch
 
 from .config import Config, ConfigError, ThoughtConfig
 from .distributed import Strategy, gather_rows
-from .heldout import sequence_nll, summarize, token_scores, top_positions
+from .heldout import focus_positions, focus_summary, sequence_nll, summarize, token_focus, token_scores, top_positions
 from .learn import LearnOutput, base_pass
 from .losses import stream_validity
 from .metrics import progress
@@ -84,11 +84,23 @@ class HeldoutEval:
         full = self._gather_sequences({k: torch.cat(v) for k, v in parts.items()}, D)   # (D, P) each
         m = summarize(full, cfg.talk_len)
         m.update(talk_len=cfg.talk_len, temperature=cfg.temperature)
+        focus = self._focus(full, ids.cpu(), positions.cpu())
+        m.update({f"focus_{k}": v for k, v in (focus or {}).items() if not k.startswith("sequence_")})
         if (final or ec.tasks_every_eval) and self.task_items:
             m.update(self._task_slices(cfg))
         if self.dist.rank == 0:
-            self._write_eval(m, full, ids.cpu(), positions.cpu())
+            self._write_eval(m, full, ids.cpu(), positions.cpu(), focus)
         return m
+
+    def _focus(self, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> dict | None:
+        """heldout.focus_summary of the tokens eval.focus (default thought.position_focus) marks."""
+        pattern = self.cfg.eval.focus if self.cfg.eval.focus is not None else self.cfg.thought.position_focus
+        if not pattern:
+            return None
+        s = {k: v.cpu() for k, v in full.items() if k != "thoughts"}
+        where = focus_positions(token_focus(ids, self.tokenizer, pattern), positions[None].expand(ids.shape[0], -1),
+                                s["valid"])
+        return {"pattern": pattern, **focus_summary(s, where)}
 
     def _score(self, cfg: ThoughtConfig, ids, mask, rows: list[int], positions) -> dict[str, torch.Tensor]:
         """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
@@ -128,10 +140,11 @@ class HeldoutEval:
             out[key], out[key + "_ci95"] = r["soft"], list(r["soft_ci95"])
         return out
 
-    def _write_eval(self, m: dict, full: dict, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    def _write_eval(self, m: dict, full: dict, ids: torch.Tensor, positions: torch.Tensor,
+                    focus: dict | None = None) -> None:
         """eval/step_XXXXXXXX.json (summary, per-sequence NLLs with and without the first scored
-        position, top positions), thoughts.html (the viewer page of the first held-out sequence)
-        and report.html."""
+        position and on the focus tokens, top positions), thoughts.html (the viewer page of the
+        first held-out sequence) and report.html."""
         out_dir = self.cfg.train.output_dir
         anchor = positions[None].expand(ids.shape[0], -1)
         record = {"step": self.step, "mode": self.cfg.thought.mode, "summary": m,
@@ -142,6 +155,9 @@ class HeldoutEval:
                   "top": [] if self.cfg.thought.mode == "off" else
                   top_positions({k: v.cpu() for k, v in full.items() if k != "thoughts"}, full["thoughts"].cpu(),
                                 ids, self.tokenizer, anchor=anchor, following=self.cfg.thought.talk_len)}
+        if focus is not None:
+            record.update(sequence_nll_base_focus=focus["sequence_nll_base"],
+                          sequence_nll_thoughts_focus=focus["sequence_nll_thoughts"])
         os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
         path = os.path.join(out_dir, "eval", f"step_{self.step:08d}.json")
         with open(path + ".tmp", "w") as f:

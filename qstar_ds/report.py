@@ -101,6 +101,10 @@ def heldout_figure(rows: list[dict]):
                    alpha=0.25, label="95% CI")
     if all("eval/gain_hard10" in r for r in ev):
         b.plot(steps, [r["eval/gain_hard10"] for r in ev], "^--", color="C3", label="gain, hardest 10%")
+    if ev and all("eval/focus_gain" in r for r in ev):          # eval.focus: the marked tokens apart
+        b.plot(steps, [r["eval/focus_gain"] for r in ev], "d-", color="C4", label="gain, eval.focus tokens")
+        b.fill_between(steps, [r["eval/focus_gain_lo"] for r in ev], [r["eval/focus_gain_hi"] for r in ev],
+                       color="C4", alpha=0.2)
     b.axhline(0, color="k", lw=0.7)
     b.set_title("held-out gain = NLL without - NLL with thoughts", fontsize=10)
     b.set_xlabel("step")

@@ -60,6 +60,7 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--thought.positions", "-1"], "thought.positions=-1: must be an integer >= 0"),
     (["--thought.positions", "5", "--thought.position_focus", "(1"], "thought.position_focus='(1': is not a regular expression"),
     (["--thought.position_focus", "\\d"], "thought.position_focus='\\\\d': needs thought.positions > 0"),
+    (["--eval.focus", "(1"], "eval.focus='(1': is not a regular expression"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),

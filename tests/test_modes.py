@@ -111,16 +111,22 @@ def test_evaluate_scores_a_checkpoint_on_its_runs_heldout_text(tmp_path):
     import subprocess
     import sys
     run = run_worker(tmp_path, "run", 1, {"thought.mode": "filler", "eval.sequences": 5, "eval.batch_size": 2,
-                                          "train.save_every": 2})
+                                          "train.save_every": 2, "eval.focus": r"\d"})
     record = json.loads((tmp_path / "run" / "eval" / "step_00000002.json").read_text())
     for nproc in (1, 2):
         out = tmp_path / f"r{nproc}.json"
         launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if nproc == 2 else [])
         res = subprocess.run(launch + ["-m", "qstar_ds.evaluate", "--model", str(tmp_path / "run"), "--tasks", "nll",
                                        "--nll_heldout", "--talk_len", str(run["eval"]["talk_len"]), "--batch_size", "1",
-                                       "--output", str(out)], capture_output=True, text=True, timeout=600)
+                                       "--nll_focus", r"\d", "--output", str(out)], capture_output=True, text=True,
+                             timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         got = json.loads(out.read_text())["nll"]
+        # eval.focus: the trainer's numbers on the digits' tokens are evaluate --nll_focus's
+        for key in ("gain", "gain_outside", "nll_base", "nll_mixed", "tokens", "tokens_outside"):
+            assert got["focus"][key] == pytest.approx(run["eval"]["focus_" + key], rel=1e-5, abs=1e-7), (nproc, key)
+        for key in ("base", "thoughts"):
+            assert got["focus"][f"sequence_nll_{key}"] == pytest.approx(record[f"sequence_nll_{key}_focus"], rel=1e-5)
         assert got["sequences"] == run["eval"]["sequences"] == 5 and got["thoughts"] == "filler"
         for key in ("nll_base", "nll_mixed", "gain", "gain_win"):
             assert got[key] == pytest.approx(run["eval"][key], rel=1e-5, abs=1e-7), (nproc, key)
