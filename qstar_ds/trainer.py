@@ -186,7 +186,8 @@ class Trainer:
                 f"thought_len={c.thought.thought_len} K={c.thought.talk_len}"
                 + (f", thinking at {c.thought.positions} of {c.data.seq_len - c.thought.talk_len} positions per step"
                    if c.thought.positions else "")
-                + (f" (first those before tokens matching {c.thought.position_focus!r})" if c.thought.position_focus else "") + f"; batch {c.train.batch_size} seq/step, "
+                + (f" (first those before tokens matching {c.thought.position_focus!r})"
+                   if c.thought.position_focus else "") + f"; batch {c.train.batch_size} seq/step, "
                 f"{p.n_streams} streams/seq in {p.chunks_per_seq} chunk(s) of <= {p.streams_per_chunk} "
                 f"-> {p.grad_accum} micro-step(s)/rank/step; attention backend {c.thought.attention_backend}{self.backend_note}"
                 + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else ""))
