@@ -1,0 +1,113 @@
+"""tools/oracle_thought_probe.py: the thoughts it builds (against loops over positions), its scores
+(against nll_scores with that thought at every position, and evaluate.py's focus numbers), the
+untrained-head identity, and the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_model
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from oracle_thought_probe import (VARIANTS, marked_runs, score_model, summarize, truth_thoughts,  # noqa: E402
+                                  wrong_thoughts)
+
+from qstar_ds.config import ThoughtConfig  # noqa: E402
+from qstar_ds.data import arith_document  # noqa: E402
+from qstar_ds.evaluate import nll_scores  # noqa: E402
+from qstar_ds.heldout import focus_positions, token_focus  # noqa: E402
+
+PROBE = os.path.join(ROOT, "tools", "oracle_thought_probe.py")
+
+
+def test_truth_runs_and_wrong_against_loops():
+    g = torch.Generator().manual_seed(0)
+    D, n, t, pad = 3, 12, 4, 99
+    digits = list(range(10, 20))
+    ids = torch.randint(0, 30, (D, n), generator=g)
+    mask = torch.ones(D, n, dtype=torch.long)
+    mask[2, 9:] = 0
+    anchor = torch.tensor([[0, 3, 7, 10]] * D)
+    focus = torch.rand(D, n, generator=g) < 0.5
+    truth = truth_thoughts(ids, mask, anchor, t, pad)
+    runs = marked_runs(focus, anchor, t)
+    for d in range(D):
+        for p, i in enumerate(anchor[d].tolist()):
+            want = [int(ids[d, j]) if j < n and mask[d, j] else pad for j in range(i + 1, i + 1 + t)]
+            assert truth[d, p].tolist() == want
+            run, alive = [], True
+            for j in range(i + 1, i + 1 + t):
+                alive = alive and j < n and bool(focus[d, j])
+                run.append(alive)
+            assert runs[d, p].tolist() == run
+    wrong = wrong_thoughts(truth, runs, digits, torch.Generator().manual_seed(1))
+    is_digit = (truth >= 10) & (truth < 20)
+    assert torch.equal(wrong[~(runs & is_digit)], truth[~(runs & is_digit)])
+    changed = runs & is_digit
+    assert changed.any() and (wrong[changed] != truth[changed]).all()
+    assert ((wrong[changed] >= 10) & (wrong[changed] < 20)).all()
+
+
+def test_scores_equal_nll_scores_with_that_thought_everywhere():
+    """A token's score depends only on its own position's thought: each variant's per-sequence
+    numbers equal nll_scores with the variant's thought at every position, restricted to the
+    marked tokens; with an untrained mixing head every variant's mixed NLL is the base's."""
+    model, tok = make_model("llama", dtype=torch.float32)
+    flat = tok(" ".join(arith_document(3, i) for i in range(4)))["input_ids"][:4 * 24]
+    ids = torch.tensor(flat).view(4, 24)
+    mask = torch.ones_like(ids)
+    cfg = ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2, temperature=1.0)
+    pattern = r"(?<== )-?\d+"
+    got = score_model(model, tok, cfg, ids, mask, pattern, None, seed=5, batch=2, log=lambda s: None)
+    own = nll_scores(model, cfg, ids, mask, 2, 5, read=True)
+    where = focus_positions(token_focus(ids, tok, pattern), own["anchor"], own["valid"])
+    assert got["tokens"] == int(where.sum()) > 0
+
+    def seq(s, key):
+        return [float((-s[key][d][where[d]]).mean()) if where[d].any() else None for d in range(4)]
+    assert got["own"]["mixed"] == pytest.approx(seq(own, "mixed"), rel=1e-9)
+    assert got["base"] == pytest.approx(seq(own, "base"), rel=1e-9)
+    truth = truth_thoughts(ids, mask, own["anchor"], 3, tok.encode("...", add_special_tokens=False)[0])
+    everywhere = nll_scores(model, cfg, ids, mask, 2, 5, thoughts=truth, read=True)
+    assert got["truth"]["mixed"] == pytest.approx(seq(everywhere, "mixed"), rel=1e-6)
+    assert got["truth"]["read"] == pytest.approx(seq(everywhere, "read"), rel=1e-6)
+    other = nll_scores(model, cfg, ids, mask, 2, 5, thoughts=own["thoughts"].roll(1, dims=0), read=True)
+    assert got["other"]["mixed"] == pytest.approx(seq(other, "mixed"), rel=1e-6)
+    assert got["truth"]["mixed"] != got["wrong"]["mixed"] and got["truth"]["mixed"] != got["own"]["mixed"]
+    s = summarize([got, got])
+    assert s["tokens"] == 2 * got["tokens"] and s["own"]["mixed"]["mean"] == pytest.approx(
+        sum(v for v in got["own"]["mixed"] if v is not None) / got["sequences"])
+    assert s["truth"]["mixed_minus_own"]["mean"] == pytest.approx(
+        s["truth"]["mixed"]["mean"] - s["own"]["mixed"]["mean"], abs=1e-9)
+
+    with torch.no_grad():
+        for p in model.mixing_head.parameters():
+            p.zero_()
+    flat_head = score_model(model, tok, cfg, ids, mask, pattern, None, seed=5, batch=2, log=lambda s: None)
+    for v in VARIANTS:
+        assert flat_head[v]["mixed"] == pytest.approx(flat_head["base"], abs=1e-5)
+
+
+def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": arith_document(0, i)}) + "\n" for i in range(12)))
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, PROBE, "--model", "tiny-llama", "tiny-llama", "--data", str(text),
+                        "--seq_len", "24", "--sequences", "3", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pooled over 2 models" in r.stdout and "wrong - truth" in r.stdout
+    d = json.loads(out.read_text())
+    assert set(VARIANTS) <= set(d["summary"]) and len(d["per_model"]) == 2
+    for bad, word in ((["--focus", "(1"], "--focus='(1'"), (["--out", str(tmp_path / "no" / "p.json")], "--out="),
+                      (["--model", "/no/such/ckpt"], "/no/such/ckpt"),
+                      (["--focus", "zzz"], "marks no scored token"),
+                      ([], "not a training checkpoint")):
+        args = ["--model", "tiny-llama", "--data", str(text), "--seq_len", "24", "--sequences", "3"]
+        if not bad:
+            args = ["--model", "tiny-llama"]
+        r = subprocess.run([sys.executable, PROBE, *args, *bad], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])

@@ -1,0 +1,280 @@
+"""Would a right thought help? A trained model scored with thoughts that say the truth.
+
+    python tools/oracle_thought_probe.py --model RUN/checkpoints/step_N [RUN2/... ...] \
+        [--focus '(?<== )-?\\d+'] [--sequences 64] [--out FILE.json]
+    python tools/oracle_thought_probe.py --model DIR --data FILE.jsonl --seq_len 64 ...
+
+No run so far has shown a model predicting better with its own thoughts than with another
+sequence's (README "Does it learn?"). That can fail in three places: the policy (the thoughts
+say nothing right), the reader (the state after a thought does not use what the thought says),
+or the mixing head (it gives the post-thought prediction too little weight). This probe keeps
+the trained model and changes only the thought, at the positions whose next token `--focus`
+marks (default: the results after "= " of the built-in corpus), and scores that next token:
+
+  own      the thought the model samples (the run's evaluation temperature; a filler-trained
+           model's filler thought)
+  other    the thought sampled at the same position of the previous held-out sequence
+  filler   the filler token ("...") repeated: a thought that says nothing
+  truth    the text's own next thought_len tokens x_{i+1..}: the best a thought could say
+  wrong    truth with every digit of the marked run that starts at x_{i+1} changed (each to
+           another digit, seeded): the same form, the wrong number
+
+Per variant, on the marked tokens: the NLL of the mixed prediction (what the model predicts),
+of the post-thought state alone (the reader: does it copy from the thought?) and the mean
+mixing weight; the paired differences to `own`; the share of own thoughts whose first token is
+the next token, and of the base model's argmax. Several --model checkpoints are scored one after
+another and pooled (per-sequence values, 95% CI over (model, sequence)). A checkpoint is scored on
+its run's held-out sequences (evaluate.py --nll_heldout) with the run's evaluation temperature,
+talk length and seed, as tools/experiment.py's --focus scoring does; --data scores a text file.
+Nothing is trained; with an untrained mixing head (w = 0) every variant's mixed NLL is the base's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qstar_ds.config import ConfigError, ThoughtConfig  # noqa: E402
+from qstar_ds.evaluate import TaskError, nll_scores, nll_sequences, run_heldout_sequences  # noqa: E402
+from qstar_ds.heldout import focus_positions, mean_ci, token_focus  # noqa: E402
+from qstar_ds.layout import Layout  # noqa: E402
+from qstar_ds.loading import add_model_args, load_from_args  # noqa: E402
+from qstar_ds.model import filler_token_id  # noqa: E402
+
+VARIANTS = ("own", "other", "filler", "truth", "wrong")
+DEFAULT_FOCUS = r"(?<== )-?\d+"
+
+
+def truth_thoughts(ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor, t: int, pad: int) -> torch.Tensor:
+    """(D, n) ids and mask, (D, P) anchors -> (D, P, t): x_{i+1..i+t} after each anchor i (`pad`
+    past the sequence's end and on padding)."""
+    n = ids.shape[1]
+    src = torch.nn.functional.pad(ids.masked_fill(~mask.bool(), pad), (0, t), value=pad)      # (D, n + t)
+    idx = anchor.long()[..., None] + 1 + torch.arange(t)                                       # (D, P, t)
+    return src.gather(1, idx.clamp(max=n + t - 1).flatten(1)).view(idx.shape)
+
+
+def wrong_thoughts(truth: torch.Tensor, run: torch.Tensor, digit_ids: list[int], gen: torch.Generator) -> torch.Tensor:
+    """(D, P, t) truth thoughts, (D, P, t) bool: which thought tokens belong to the marked run that
+    starts at the thought's first token -> the same thoughts with every single-digit token of
+    that run replaced by another digit (d + r mod 10, r uniform in 1..9, drawn per token)."""
+    digits = torch.tensor(digit_ids)
+    value = torch.full((max(int(truth.max()), max(digit_ids)) + 1,), -1, dtype=torch.long)
+    value[digits] = torch.arange(10)                                                            # token -> digit
+    v = value[truth]                                                                             # (D, P, t)
+    shift = torch.randint(1, 10, truth.shape, generator=gen)
+    change = run & (v >= 0)
+    return torch.where(change, digits[(v.clamp(min=0) + shift) % 10], truth)
+
+
+def marked_runs(in_focus: torch.Tensor, anchor: torch.Tensor, t: int) -> torch.Tensor:
+    """(D, n) bool token_focus, (D, P) anchors -> (D, P, t) bool: thought token k (x_{i+1+k})
+    belongs to the marked run that starts at x_{i+1} (x_{i+1..i+1+k} all marked)."""
+    n = in_focus.shape[1]
+    f = torch.nn.functional.pad(in_focus, (0, t), value=False)
+    idx = anchor.long()[..., None] + 1 + torch.arange(t)                                       # (D, P, t)
+    marked = f.gather(1, idx.clamp(max=n + t - 1).flatten(1)).view(idx.shape)
+    return marked.long().cumprod(-1).bool()
+
+
+def digit_token_ids(tokenizer) -> list[int] | None:
+    """The ids of "0".."9" where each digit is one token of its own, else None."""
+    out = []
+    for d in range(10):
+        ids = tokenizer.encode(str(d), add_special_tokens=False)
+        if len(ids) != 1:
+            return None
+        out.append(ids[0])
+    return out
+
+
+@torch.no_grad()
+def base_argmax(model, ids: torch.Tensor, mask: torch.Tensor, backend: str, batch: int) -> torch.Tensor:
+    """(D, n) -> (D, n - 1) bool: the base model's most likely next token is x_{j+1}."""
+    out = []
+    for a in range(0, ids.shape[0], batch):
+        dev = model.lm_head.weight.device
+        x, m = ids[a:a + batch].to(dev), mask[a:a + batch].to(dev).bool()
+        h = model.hidden(x, Layout.base_only(m, backend=backend))
+        out.append((model.logits(h[:, :-1]).argmax(-1) == x[:, 1:]).cpu())
+    return torch.cat(out)
+
+
+def per_sequence(values: torch.Tensor, where: torch.Tensor) -> list:
+    """(D, P) values, (D, P) bool -> each sequence's mean over `where` (None: no such position)."""
+    w = where.double()
+    return [float(v) / float(c) if c > 0 else None for v, c in zip((values.double() * w).sum(1), w.sum(1))]
+
+
+def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_id: int | None, seed: int,
+                batch: int, log=print) -> dict:
+    """Every variant's scores on the positions whose next token `pattern` marks -> per-sequence
+    lists (None where a sequence has no marked token) and counts. ids, mask (D, n) on the CPU."""
+    digit_ids = digit_token_ids(tok)
+    if digit_ids is None:
+        raise TaskError("the tokenizer does not give each digit 0-9 a token of its own, so `wrong` is undefined")
+    fill = filler_token_id(tok, "...") if filler_id is None else filler_id
+    t0 = time.perf_counter()
+    own = nll_scores(model, cfg, ids, mask, batch, seed, filler_id, read=True)
+    log(f"  own ({time.perf_counter() - t0:.0f} s)")
+    anchor, valid = own["anchor"], own["valid"].bool()
+    in_focus = token_focus(ids, tok, pattern)
+    where = focus_positions(in_focus, anchor, valid)                                            # (D, P)
+    truth = truth_thoughts(ids, mask, anchor, cfg.thought_len, fill)
+    thoughts = {"other": own["thoughts"].roll(1, dims=0), "filler": torch.full_like(truth, fill), "truth": truth,
+                "wrong": wrong_thoughts(truth, marked_runs(in_focus, anchor, cfg.thought_len), digit_ids,
+                                        torch.Generator().manual_seed(seed))}
+    scores = {"own": own}
+    for name, th in thoughts.items():
+        # other positions keep the own thought: the next token's score depends only on its own position's thought
+        th = torch.where(where[..., None], th, own["thoughts"])
+        scores[name] = nll_scores(model, cfg, ids, mask, batch, seed, thoughts=th, read=True)
+        log(f"  {name} ({time.perf_counter() - t0:.0f} s)")
+    nxt = ids.gather(1, (anchor.long() + 1).clamp(max=ids.shape[1] - 1))                        # (D, P)
+    best = base_argmax(model, ids, mask, cfg.attention_backend, batch).gather(1, anchor.long().clamp(max=ids.shape[1] - 2))
+    out = {"tokens": int(where.sum()), "sequences": int(where.any(1).sum()),
+           "own_first_right": per_sequence((own["thoughts"][..., 0] == nxt).double(), where),
+           "base_argmax_right": per_sequence(best.double(), where),
+           "base": per_sequence(-own["base"], where)}
+    for name, s in scores.items():
+        out[name] = {"mixed": per_sequence(-s["mixed"], where), "read": per_sequence(-s["read"], where),
+                     "w": per_sequence(s["w"], where)}
+    return out
+
+
+def pooled(values: list) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def summarize(per_model: list[dict]) -> dict:
+    """Per-sequence lists of every model, pooled -> means with 95% CIs, and paired differences to own."""
+    def cat(get):
+        return [v for m in per_model for v in get(m)]
+
+    def ci(xs):
+        m, lo, hi = mean_ci(torch.tensor(pooled(xs), dtype=torch.float64))
+        return {"mean": m, "ci95": [lo, hi]}
+
+    def diff(a, b):
+        return ci([x - y if x is not None and y is not None else None for x, y in zip(a, b)])
+
+    out = {"tokens": sum(m["tokens"] for m in per_model), "sequences": sum(m["sequences"] for m in per_model),
+           "base": ci(cat(lambda m: m["base"])), "own_first_right": ci(cat(lambda m: m["own_first_right"])),
+           "base_argmax_right": ci(cat(lambda m: m["base_argmax_right"]))}
+    for v in VARIANTS:
+        r = {k: ci(cat(lambda m: m[v][k])) for k in ("mixed", "read", "w")}
+        if v != "own":
+            for k in ("mixed", "read"):
+                r[k + "_minus_own"] = diff(cat(lambda m: m[v][k]), cat(lambda m: m["own"][k]))
+        out[v] = r
+    out["wrong_minus_truth"] = {k: diff(cat(lambda m: m["wrong"][k]), cat(lambda m: m["truth"][k]))
+                                for k in ("mixed", "read")}
+    return out
+
+
+def fmt(c: dict, sign: bool = False) -> str:
+    f = "{:+.4f}" if sign else "{:.4f}"
+    return (f + " [" + f + ", " + f + "]").format(c["mean"], *c["ci95"])
+
+
+def lines(s: dict) -> list[str]:
+    out = [f"{s['tokens']} marked tokens in {s['sequences']} sequences; base NLL there {fmt(s['base'])}; "
+           f"own thought's first token right {s['own_first_right']['mean']:.1%}, base argmax right "
+           f"{s['base_argmax_right']['mean']:.1%}",
+           f"{'thought':8s} {'mixed NLL':>26s} {'minus own':>28s} {'reader alone NLL':>26s} {'minus own':>28s} {'w':>7s}"]
+    for v in VARIANTS:
+        r = s[v]
+        out.append(f"{v:8s} {fmt(r['mixed']):>26s} {fmt(r['mixed_minus_own'], True) if v != 'own' else '':>28s} "
+                   f"{fmt(r['read']):>26s} {fmt(r['read_minus_own'], True) if v != 'own' else '':>28s} "
+                   f"{r['w']['mean']:7.4f}")
+    w = s["wrong_minus_truth"]
+    out.append(f"wrong - truth: mixed {fmt(w['mixed'], True)}, reader {fmt(w['read'], True)} (> 0: it reads the number)")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 conflict_handler="resolve")      # --model below takes several
+    add_model_args(ap)
+    ap.add_argument("--model", nargs="+", required=True, help="trained checkpoints (or run dirs), pooled")
+    ap.add_argument("--focus", default=DEFAULT_FOCUS, help="regular expression marking the scored tokens "
+                    "(evaluate.py --nll_focus); default: results after '= '")
+    ap.add_argument("--sequences", type=int, default=None, help="held-out sequences (default: as many as the run scored)")
+    ap.add_argument("--data", default=None, help="score this text file instead of the runs' held-out text")
+    ap.add_argument("--seq_len", type=int, default=64, help="with --data: tokens per sequence")
+    ap.add_argument("--talk_len", type=int, default=None, help="with --data: K (default: the run's or 4)")
+    ap.add_argument("--temperature", type=float, default=None, help="thought temperature (default: the run's eval)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's data seed)")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--out", default=None, help="write the pooled summary and per-model lists as JSON")
+    args = ap.parse_args(argv)
+    try:
+        re.compile(args.focus)
+    except re.error as e:
+        print(f"oracle_thought_probe: --focus={args.focus!r}: not a usable regular expression ({e})", file=sys.stderr)
+        return 2
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        print(f"oracle_thought_probe: --out={args.out!r}: its directory does not exist", file=sys.stderr)
+        return 2
+    if args.data is not None and not os.path.isfile(args.data):
+        print(f"oracle_thought_probe: --data={args.data!r}: no such file", file=sys.stderr)
+        return 2
+    for p in args.model:
+        if os.path.sep in p and not os.path.exists(p):
+            print(f"oracle_thought_probe: --model {p!r}: no such checkpoint", file=sys.stderr)
+            return 2
+    per_model, models = [], list(args.model)
+    for path in models:
+        args.model = path
+        try:
+            loaded = load_from_args(args)
+            run = loaded.run_config or {}
+            if args.data is None and not run:
+                raise TaskError(f"--model {path!r} is not a training checkpoint: give --data FILE to score")
+            th, ev = run.get("thought", {}), run.get("eval", {})
+            temp = args.temperature if args.temperature is not None else float(ev.get("temperature", 1.0))
+            talk = args.talk_len or int(th.get("talk_len", 4))
+            seed = args.seed if args.seed is not None else int(run.get("data", {}).get("seed", 0))
+            cfg = ThoughtConfig(thought_len=loaded.thought_len, n_thoughts=1, talk_len=talk, temperature=temp,
+                                talk_positions=loaded.talk_positions, attention_backend=args.attention_backend)
+            if args.data is None:
+                ids, mask = run_heldout_sequences(run, loaded.tokenizer, args.sequences)
+            else:
+                ids, mask = nll_sequences(loaded.tokenizer, args.data, args.seq_len, args.sequences or 64, "text")
+            if ids.shape[0] < 2:
+                raise TaskError(f"{path}: {ids.shape[0]} sequence(s); `other` needs at least 2")
+            print(f"oracle_thought_probe: {loaded.source}; {ids.shape[0]} sequences of {ids.shape[1]} tokens, "
+                  f"thoughts of {cfg.thought_len} at T {temp:g}, seed {seed}", flush=True)
+            m = score_model(loaded.model, loaded.tokenizer, cfg, ids, mask,
+                            args.focus, loaded.filler_id, seed, args.batch_size,
+                            log=lambda s: print(s, flush=True))
+        except (ConfigError, TaskError) as e:
+            print(f"oracle_thought_probe: error: {e}", file=sys.stderr)
+            return 2
+        if m["tokens"] == 0:
+            print(f"oracle_thought_probe: error: --focus {args.focus!r} marks no scored token in {path}'s text",
+                  file=sys.stderr)
+            return 2
+        m["model"] = loaded.source
+        per_model.append(m)
+        print("\n".join(lines(summarize([m]))), flush=True)
+    s = summarize(per_model)
+    if len(per_model) > 1:
+        print(f"pooled over {len(per_model)} models:")
+        print("\n".join(lines(s)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"models": models, "focus": args.focus, "summary": s, "per_model": per_model}, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
