@@ -29,7 +29,7 @@ def _require_regex(key: str, value) -> None:
         _require(False, key, value, f"is not a regular expression ({e})")
 
 
-MODES = ("quiet_star", "filler", "off")
+MODES = ("quiet_star", "filler", "off", "oracle")
 REWARDS = ("mixed", "read")
 TALK_POSITIONS = ("after_thought", "resume")
 MIN_TEMPERATURE = 1e-6
@@ -44,9 +44,17 @@ class ThoughtConfig:
     the fixed `filler` token repeated (the pause-token control: the extra computation and the
     mixing head without sampled content; no rollout, no REINFORCE). off: no thoughts at all,
     plain continued pretraining on the base NLL (weight 1). The two controls use the same data,
-    steps and optimizer as quiet_star, so their held-out NLL says what the data alone gives."""
+    steps and optimizer as quiet_star, so their held-out NLL says what the data alone gives.
+    oracle: a positive control that sees the future, never a method: the thought after position i
+    is the text's own next thought_len tokens where `oracle_focus` marks x_{i+1}, the filler thought
+    elsewhere (no rollout, no REINFORCE): how much a model learns to gain from a thought that says
+    the right thing, in the same steps, and whether the instruments show it."""
     filler: str = "..."
-    """filler mode: the text whose first token fills every thought slot."""
+    """filler and oracle modes: the text whose first token fills every thought slot."""
+    oracle_focus: str = ""
+    """oracle mode: a regular expression; positions whose next token overlaps a match in the
+    decoded text (heldout.token_focus) get the true continuation as their thought, e.g.
+    '(?<== )-?\\d+' (what a perfect calculator would write before a result). Empty: every position."""
     thought_len: int = 8
     """t: sampled thought tokens per thought. <|startofthought|> and <|endofthought|> come on top,
     so a thought occupies thought_len + 2 positions."""
@@ -146,6 +154,9 @@ class ThoughtConfig:
                  self.loss_chunk_tokens, "must be an integer >= 0 (0 = off)")
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
         _require_regex("position_focus", self.position_focus)
+        _require_regex("oracle_focus", self.oracle_focus)
+        _require(not self.oracle_focus or self.mode == "oracle", "oracle_focus", self.oracle_focus,
+                 "is used only with thought.mode=oracle")
         _require(self.talk_positions in TALK_POSITIONS, "talk_positions", self.talk_positions,
                  f"must be one of {list(TALK_POSITIONS)}")
         from .attention import BACKENDS

@@ -59,7 +59,7 @@ from .heldout import (content_effect, focus_line, focus_positions, focus_summary
 from .layout import Layout
 from .logprobs import at_least_fp32
 from .model import shape_of
-from .rollout import default_positions, new_cache, rollout
+from .rollout import default_positions, new_cache, oracle_thoughts, rollout
 from .schedule import rank_major_order
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
@@ -293,8 +293,10 @@ def run_heldout_sequences(run_config: dict, tokenizer, count: int | None) -> tup
 
 
 def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int,
-            sequences: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """`sequences` (ids, mask): score these (described by `path`), else the file at `path`."""
+            sequences: tuple[torch.Tensor, torch.Tensor] | None = None, oracle: tuple[int, str] | None = None) -> dict:
+    """`sequences` (ids, mask): score these (described by `path`), else the file at `path`.
+    `oracle` (filler token, pattern) of a model trained with thought.mode=oracle: its thoughts,
+    the text's own continuation where the pattern marks the next token (rollout.oracle_thoughts)."""
     ids, mask = sequences or nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences or 64,
                                            args.text_field)
     ecfg = ThoughtConfig(**{**vars(cfg), "n_thoughts": 1, "talk_len": args.talk_len})
@@ -306,14 +308,20 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
     if shuffled and ids.shape[0] < 2:
         raise TaskError(f"--nll_shuffled_thoughts needs >= 2 sequences; {path} gives {ids.shape[0]}")
     # filler thoughts are fixed: more draws would be the same draw again
-    draws = 1 if filler_id is not None else getattr(args, "nll_thought_samples", 1)
+    draws = 1 if filler_id is not None or oracle is not None else getattr(args, "nll_thought_samples", 1)
+    fixed = None
+    if oracle is not None:
+        fill, pattern = oracle
+        anchor = default_positions(ids.shape[1], ecfg.talk_len)[None].expand(mine_ids.shape[0], -1)
+        marked = token_focus(mine_ids, tokenizer, pattern) & mine_mask.bool() if pattern else None
+        fixed = oracle_thoughts(mine_ids, mine_mask, anchor, marked, ecfg.thought_len, fill)
     mix_ws = getattr(args, "nll_read_mix", None) or []
     t0 = time.perf_counter()
     mine_index = torch.arange(ids.shape[0])[rank::world]
     mine_draws, other_draws = [], []
     for j in range(draws):
         one = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed + j * DRAW_SEED_STRIDE,
-                         filler_id, progress=rank == 0, index=mine_index, read=bool(mix_ws))
+                         filler_id, progress=rank == 0, index=mine_index, read=bool(mix_ws), thoughts=fixed)
         mine_draws.append(one)
         if shuffled:
             # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
@@ -345,7 +353,8 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
         where = focus_positions(token_focus(ids, tokenizer, pattern), mine["anchor"], mine["valid"])
         m["focus"] = {"pattern": pattern, **focus_summary(mine, where, other)}
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
-             thoughts="filler" if filler_id is not None else "sampled", thought_samples=draws,
+             thoughts="filler" if filler_id is not None else "oracle" if oracle is not None else "sampled",
+             thought_samples=draws,
              seconds=time.perf_counter() - t0)
     return m
 
@@ -543,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
                  for t in tasks}
         loaded = load_from_args(args, device)
         cfg = thought_config(loaded, args, temperature=args.thought_temperature)
+        if loaded.oracle is not None and tasks and args.thoughts != "off":
+            raise TaskError(f"--model={args.model!r} was trained with oracle thoughts (thought.mode=oracle), the "
+                            f"text's own continuation, which a question has not got: score it with --tasks nll, or "
+                            f"{','.join(tasks)} with --thoughts off")
         if not args.cot_temperature > 0:
             raise TaskError(f"--cot_temperature={args.cot_temperature}: must be > 0")
     except (ConfigError, TaskError, ValueError, FileNotFoundError) as e:
@@ -558,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.nll_heldout:
                 seqs = run_heldout_sequences(loaded.run_config, loaded.tokenizer, args.nll_sequences)
                 args.nll_seq_len = int(seqs[0].shape[1])
-            nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world, seqs)
+            nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world, seqs,
+                          oracle=loaded.oracle)
         except (ConfigError, TaskError) as e:
             print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
             return 2

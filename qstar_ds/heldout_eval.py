@@ -18,7 +18,7 @@ from .heldout import focus_positions, focus_summary, sequence_nll, summarize, to
 from .learn import LearnOutput, base_pass
 from .losses import stream_validity
 from .metrics import progress
-from .rollout import Rollout, default_positions, rollout
+from .rollout import Rollout, default_positions, oracle_thoughts, rollout
 from .schedule import eval_share, rank_major_order
 from .viewer import page_data, render
 
@@ -104,8 +104,9 @@ class HeldoutEval:
 
     def _score(self, cfg: ThoughtConfig, ids, mask, rows: list[int], positions) -> dict[str, torch.Tensor]:
         """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
-        every position (the filler in filler mode; none in off mode, where "with thoughts" is the
-        plain model)."""
+        every position (the filler in filler mode; in oracle mode the true continuation where
+        thought.oracle_focus marks the next token, as in training; none in off mode, where "with
+        thoughts" is the plain model)."""
         x, x_mask = ids[rows], mask[rows]
         mode, t = self.cfg.thought.mode, cfg.thought_len
         if mode == "off":
@@ -115,6 +116,10 @@ class HeldoutEval:
                               cfg.talk_len)
             return {**sc, "thoughts": x.new_zeros(*anchor.shape, t)}
         fixed = x.new_full((len(rows), positions.numel(), t), self.filler_id) if mode == "filler" else None
+        if mode == "oracle":
+            pattern = self.cfg.thought.oracle_focus
+            marked = token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool() if pattern else None
+            fixed = oracle_thoughts(x, x_mask, positions[None].expand(len(rows), -1), marked, t, self.filler_id)
         ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=x_mask, positions=positions,
                                    generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.dist.device),
                                    base_logprobs=True, thoughts=fixed))

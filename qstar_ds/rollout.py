@@ -56,6 +56,22 @@ def default_positions(n: int, talk_len: int, device=None) -> torch.Tensor:
 _GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
+def oracle_thoughts(ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor, marked: torch.Tensor | None,
+                    t: int, filler_id: int) -> torch.Tensor:
+    """thought.mode=oracle: (B, n) ids and mask, (B, M) anchors, (B, n) bool tokens marked by
+    thought.oracle_focus (None: every token) -> (B, M, t): after anchor i whose next token x_{i+1}
+    is marked, the text's own x_{i+1..i+t} (`filler_id` past the end and on padding); elsewhere the
+    filler thought. A diagnostic that sees the future, never a method."""
+    B, n = ids.shape
+    src = torch.nn.functional.pad(ids.masked_fill(~mask.bool(), filler_id), (0, t), value=filler_id)  # (B, n + t)
+    idx = anchor.long()[..., None] + 1 + torch.arange(t, device=ids.device)                          # (B, M, t)
+    truth = src.gather(1, idx.flatten(1)).view(idx.shape)
+    if marked is None:
+        return truth
+    on = marked.to(ids.device).gather(1, (anchor.long() + 1).clamp(max=n - 1)) & (anchor.long() + 1 < n)  # (B, M)
+    return torch.where(on[..., None], truth, torch.full_like(truth, filler_id))
+
+
 def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)          # logical, on a signed int64 tensor
 

@@ -41,7 +41,7 @@ from .attention import auto_note, resolve_backend
 from .model import QuietStarModel, filler_token_id, randomize_mixing_head, read_marker_file, set_thought_embeds
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
-from .rollout import Rollout, rollout, sequence_noise, step_positions
+from .rollout import Rollout, oracle_thoughts, rollout, sequence_noise, step_positions
 from .schedule import learn_share, plan_step, rollout_units, units_of
 
 TEMPLATE_DIR = "hf_template"
@@ -253,14 +253,24 @@ class Trainer:
     def _thoughts(self, x: torch.Tensor, x_mask: torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """thoughts (B, M, t) and rewards (B, M) of this step after `positions`: sampled and scored
-        (quiet_star), the filler token everywhere with reward 0 (filler), or none (off)."""
+        (quiet_star), the filler token everywhere with reward 0 (filler), the true continuation
+        where thought.oracle_focus marks the next token, with reward 0 (oracle), or none (off)."""
         B, n = x.shape
         t, mode = self.cfg.thought.thought_len, self.cfg.thought.mode
         if mode == "quiet_star":
             return self._rollouts(x, x_mask, positions)
         M = self.plan.n_streams
-        thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
+        if mode == "oracle":
+            anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)[:, :M]
+            thoughts = oracle_thoughts(x, x_mask, anchor, self._oracle_marked(x, x_mask), t, self.filler_id)
+        else:
+            thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
         return thoughts, torch.zeros(B, M, device=x.device)
+
+    def _oracle_marked(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, n) bool: the tokens thought.oracle_focus marks (None: no pattern, every token)."""
+        pattern = self.cfg.thought.oracle_focus
+        return token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool() if pattern else None
 
     def _learn(self, x, x_mask, seq: int, a: int, b: int, anchor, thoughts, rewards, norm: Normalizer) -> LearnOutput:
         """The learn micro-step of streams a..b of sequence `seq` (off mode: its base NLL)."""

@@ -61,6 +61,8 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--thought.positions", "5", "--thought.position_focus", "(1"], "thought.position_focus='(1': is not a regular expression"),
     (["--thought.position_focus", "\\d"], "thought.position_focus='\\\\d': needs thought.positions > 0"),
     (["--eval.focus", "(1"], "eval.focus='(1': is not a regular expression"),
+    (["--thought.oracle_focus", "\\d"], "thought.oracle_focus='\\\\d': is used only with thought.mode=oracle"),
+    (["--thought.mode", "oracle", "--thought.oracle_focus", "(1"], "thought.oracle_focus='(1': is not a regular expression"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),

@@ -1,6 +1,7 @@
 """The baselines of the learning experiment in the real trainer (2-rank ZeRO-3 on CPU, SGD so
 that an update is the gradient, see test_trainer.py): thought.mode=off is a plain causal-LM step,
-thought.mode=filler feeds exactly the filler thoughts and equals the learn pass on them; the
+thought.mode=filler feeds exactly the filler thoughts and equals the learn pass on them,
+thought.mode=oracle feeds the text's own continuation where its pattern marks the next token; the
 held-out evaluation does not depend on the number of ranks."""
 import json
 
@@ -86,6 +87,76 @@ def test_filler_mode_feeds_the_filler_and_equals_the_learn_pass_on_it(tmp_path):
     ref = {k: v.detach() for k, v in model.named_parameters()}
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss_reinforce"] == 0
+
+
+def oracle_reference(x: torch.Tensor, tok, anchor: torch.Tensor, t: int, filler: int, pattern: str) -> torch.Tensor:
+    """Oracle thoughts by a loop over (sequence, stream): x_{i+1..i+t} (filler past the end) where
+    the next token's text overlaps a match of `pattern`, the filler elsewhere."""
+    from qstar_ds.heldout import token_focus
+    marked = token_focus(x, tok, pattern)
+    out = torch.full((*anchor.shape, t), filler)
+    for b in range(x.shape[0]):
+        for m, i in enumerate(anchor[b].tolist()):
+            if i + 1 < x.shape[1] and marked[b, i + 1]:
+                row = x[b, i + 1:i + 1 + t].tolist()
+                out[b, m] = torch.tensor(row + [filler] * (t - len(row)))
+    return out
+
+
+def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_it(tmp_path):
+    """thought.mode=oracle under 2-rank ZeRO-3: the streams carry the text's continuation after
+    the positions whose next token is a digit and the filler elsewhere, the update equals the
+    one-process learn pass on thoughts built by a loop (reward 0), and evaluate.py scores the
+    checkpoint with the same thoughts as the trainer's own held-out evaluation."""
+    import subprocess
+    import sys
+    over = {"thought.mode": "oracle", "thought.oracle_focus": r"\d", "thought.filler": " ...",
+            "eval.sequences": 4, "eval.batch_size": 2, "train.save_every": 2}
+    two = run_worker(tmp_path, "oracle", 2, over)
+    cfg, model, tok, stream, _ = setup(over, two["init"])
+    filler = filler_token_id(tok, " ...")
+    t, L, n = cfg.thought.thought_len, cfg.thought.stream_len, cfg.data.seq_len
+    learn_calls = [ids for ids in two["fed"] if ids.shape[-1] > n]
+    assert learn_calls, "no learn micro-step was recorded"
+    truths = 0
+    for ids in learn_calls:
+        x = ids[0, :n].tolist()
+        for th in ids[0, n:].view(-1, L)[:, 1:t + 1].tolist():
+            if th != [filler] * t:
+                truths += 1
+                assert any(x[i + 1:i + 1 + t] + [filler] * (t - len(x[i + 1:i + 1 + t])) == th for i in range(n - 1))
+    assert truths > 0, "no stream carried the text's continuation"
+    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
+    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    for _ in range(cfg.train.max_steps):
+        x, am = stream.next_batch(cfg.train.batch_size)
+        B = x.shape[0]
+        anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)
+        thoughts = oracle_reference(x, tok, anchor, t, filler, r"\d")
+        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=torch.zeros(anchor.shape))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+    ref = {k: v.detach() for k, v in model.named_parameters()}
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss_reinforce"] == 0
+    record = json.loads((tmp_path / "oracle" / "eval" / "step_00000002.json").read_text())
+    out = tmp_path / "e.json"
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "oracle"), "--tasks",
+                          "nll", "--nll_heldout", "--talk_len", str(two["eval"]["talk_len"]), "--batch_size", "1",
+                          "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())["nll"]
+    assert got["thoughts"] == "oracle"
+    assert got["sequence_nll_thoughts"] == pytest.approx(record["sequence_nll_thoughts"], rel=1e-5)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "oracle"), "--tasks",
+                          "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2 and "oracle thoughts" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):

@@ -13,13 +13,13 @@ from conftest import make_model
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from oracle_thought_probe import (VARIANTS, marked_runs, score_model, summarize, truth_thoughts,  # noqa: E402
-                                  wrong_thoughts)
+from oracle_thought_probe import VARIANTS, marked_runs, score_model, summarize, wrong_thoughts  # noqa: E402
 
 from qstar_ds.config import ThoughtConfig  # noqa: E402
 from qstar_ds.data import arith_document  # noqa: E402
 from qstar_ds.evaluate import nll_scores  # noqa: E402
 from qstar_ds.heldout import focus_positions, token_focus  # noqa: E402
+from qstar_ds.rollout import oracle_thoughts  # noqa: E402
 
 PROBE = os.path.join(ROOT, "tools", "oracle_thought_probe.py")
 
@@ -33,7 +33,7 @@ def test_truth_runs_and_wrong_against_loops():
     mask[2, 9:] = 0
     anchor = torch.tensor([[0, 3, 7, 10]] * D)
     focus = torch.rand(D, n, generator=g) < 0.5
-    truth = truth_thoughts(ids, mask, anchor, t, pad)
+    truth = oracle_thoughts(ids, mask, anchor, None, t, pad)
     runs = marked_runs(focus, anchor, t)
     for d in range(D):
         for p, i in enumerate(anchor[d].tolist()):
@@ -65,13 +65,13 @@ def test_scores_equal_nll_scores_with_that_thought_everywhere():
     got = score_model(model, tok, cfg, ids, mask, pattern, None, seed=5, batch=2, log=lambda s: None)
     own = nll_scores(model, cfg, ids, mask, 2, 5, read=True)
     where = focus_positions(token_focus(ids, tok, pattern), own["anchor"], own["valid"])
-    assert got["tokens"] == int(where.sum()) > 0
+    assert got["tokens"] == int(where.sum()) > 0 and any(v is not None for v in got["own_says_digit"])
 
     def seq(s, key):
         return [float((-s[key][d][where[d]]).mean()) if where[d].any() else None for d in range(4)]
     assert got["own"]["mixed"] == pytest.approx(seq(own, "mixed"), rel=1e-9)
     assert got["base"] == pytest.approx(seq(own, "base"), rel=1e-9)
-    truth = truth_thoughts(ids, mask, own["anchor"], 3, tok.encode("...", add_special_tokens=False)[0])
+    truth = oracle_thoughts(ids, mask, own["anchor"], None, 3, tok.encode("...", add_special_tokens=False)[0])
     everywhere = nll_scores(model, cfg, ids, mask, 2, 5, thoughts=truth, read=True)
     assert got["truth"]["mixed"] == pytest.approx(seq(everywhere, "mixed"), rel=1e-6)
     assert got["truth"]["read"] == pytest.approx(seq(everywhere, "read"), rel=1e-6)
@@ -102,7 +102,12 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
     assert "pooled over 2 models" in r.stdout and "wrong - truth" in r.stdout
     d = json.loads(out.read_text())
     assert set(VARIANTS) <= set(d["summary"]) and len(d["per_model"]) == 2
-    for bad, word in ((["--focus", "(1"], "--focus='(1'"), (["--out", str(tmp_path / "no" / "p.json")], "--out="),
+    r = subprocess.run([sys.executable, PROBE, "--model", "tiny-llama", "--data", str(text), "--seq_len", "24",
+                        "--sequences", "3", "--variants", "truth", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert {"own", "truth"} <= set(d["summary"]) and not {"other", "filler", "wrong"} & set(d["summary"])
+    for bad, word in ((["--focus", "(1"], "--focus='(1'"), (["--variants", "truth,oracle"], "--variants="), (["--out", str(tmp_path / "no" / "p.json")], "--out="),
                       (["--model", "/no/such/ckpt"], "/no/such/ckpt"),
                       (["--focus", "zzz"], "marks no scored token"),
                       ([], "not a training checkpoint")):
@@ -111,3 +116,20 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
             args = ["--model", "tiny-llama"]
         r = subprocess.run([sys.executable, PROBE, *args, *bad], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+
+
+def test_states_next_digit_skips_leading_text_and_non_digits():
+    from oracle_thought_probe import states_next_digit
+    from qstar_ds.tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+
+    def enc(s):
+        return tok.encode(s, add_special_tokens=False)
+    rows = [enc(" 28. Now"), enc("x = 19.."), enc(" nothing"), enc(" 28. Now")]
+    t = max(map(len, rows))
+    thoughts = torch.tensor([[r + enc(".") * (t - len(r))] for r in rows])         # (4, 1, t)
+    nxt = torch.tensor([[enc("2")[0]], [enc("2")[0]], [enc("2")[0]], [enc("a")[0]]])
+    where = torch.tensor([[True], [True], [True], [True]])
+    said, digit = states_next_digit(thoughts, nxt, where, tok)
+    assert digit[:, 0].tolist() == [True, True, True, False]
+    assert said[:, 0].tolist() == [True, False, False, False]

@@ -205,3 +205,24 @@ def test_step_positions_take_the_preferred_ones_first():
         if len(evens) >= P:
             break
         assert set(evens) <= set(got.tolist())
+
+
+def test_oracle_thoughts_against_a_loop():
+    """rollout.oracle_thoughts: x_{i+1..i+t} after anchor i where x_{i+1} is marked (filler past
+    the end and on padding), the filler thought elsewhere; every anchor without a mark."""
+    from qstar_ds.rollout import oracle_thoughts
+    g = torch.Generator().manual_seed(0)
+    B, n, t, fill = 3, 10, 4, 99
+    ids = torch.randint(0, 50, (B, n), generator=g)
+    mask = torch.ones(B, n, dtype=torch.long)
+    mask[1, 7:] = 0
+    anchor = torch.tensor([[0, 0, 4, 4, 8, 8]] * B)
+    marked = torch.rand(B, n, generator=g) < 0.5
+    for mk in (marked, None):
+        got = oracle_thoughts(ids, mask, anchor, mk, t, fill)
+        for b in range(B):
+            for m, i in enumerate(anchor[b].tolist()):
+                on = mk is None or bool(mk[b, i + 1])
+                want = [int(ids[b, j]) if on and j < n and mask[b, j] else fill for j in range(i + 1, i + 1 + t)]
+                assert got[b, m].tolist() == want, (b, m, mk is None)
+    assert (oracle_thoughts(ids, mask, anchor, marked, t, fill) != fill).any()

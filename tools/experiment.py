@@ -28,6 +28,11 @@ the compute; evaluate.py --nll_thought_samples).
 The controls need no rescoring: filler thoughts are fixed and off has none, so their predictions
 do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>[_k<K>].json.
 
+--arms ...,oracle adds the positive control (thought.mode=oracle; not a method, it sees the
+future): its thought is the text's own continuation before the tokens --focus marks (every
+position without --focus), the filler elsewhere; it says how much the same steps teach a model to
+gain from a thought that is right, and that these comparisons would show it.
+
 --focus REGEX: also score every run's final checkpoint (all arms) with the held-out tokens split
 by whether their text overlaps a match of REGEX (evaluate.py --nll_focus), e.g. '(?<== )-?\\d+'
 for the results of the built-in corpus's sums, where a thought could compute what one forward
@@ -60,6 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ARMS = ("quiet_star", "filler", "off")
+OPTIONAL_ARMS = ("oracle",)
 
 
 def final_eval(run_dir: str, steps: int) -> dict | None:
@@ -81,6 +87,8 @@ def run_one(args, arm: str, seed: int, extra: list[str]) -> dict:
                     "--output_dir", out, "--max_steps", str(args.steps), "--resume", "auto",
                     "--thought.mode", arm, "--train.seed", str(seed), "--data.seed", str(seed),
                     "--train.save_every", str(args.save_every)] + extra
+    if arm == "oracle" and args.focus:
+        cmd += ["--thought.oracle_focus", args.focus]
     print(f"[experiment] {arm} seed {seed}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --rescore_temperature: K thoughts per position, the mixed predictions averaged")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ARMS + OPTIONAL_ARMS]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore_samples < 1:
         bad.append(f"--rescore_samples={args.rescore_samples} (must be >= 1)")
     if bad or not arms or not seeds or args.steps < 1:
-        print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS}",
+        print(f"experiment: error: bad arms/seeds/steps {bad or (arms, seeds, args.steps)}; arms are {ARMS + OPTIONAL_ARMS}",
               file=sys.stderr)
         return 2
     if args.slices:

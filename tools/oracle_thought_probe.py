@@ -21,8 +21,8 @@ marks (default: the results after "= " of the built-in corpus), and scores that 
 
 Per variant, on the marked tokens: the NLL of the mixed prediction (what the model predicts),
 of the post-thought state alone (the reader: does it copy from the thought?) and the mean
-mixing weight; the paired differences to `own`; the share of own thoughts whose first token is
-the next token, and of the base model's argmax. Several --model checkpoints are scored one after
+mixing weight; the paired differences to `own`; where the next token is one digit, the share of own
+thoughts whose first digit is it (the policy's accuracy), and of the base model's argmax. Several --model checkpoints are scored one after
 another and pooled (per-sequence values, 95% CI over (model, sequence)). A checkpoint is scored on
 its run's held-out sequences (evaluate.py --nll_heldout) with the run's evaluation temperature,
 talk length and seed, as tools/experiment.py's --focus scoring does; --data scores a text file.
@@ -47,18 +47,10 @@ from qstar_ds.heldout import focus_positions, mean_ci, token_focus  # noqa: E402
 from qstar_ds.layout import Layout  # noqa: E402
 from qstar_ds.loading import add_model_args, load_from_args  # noqa: E402
 from qstar_ds.model import filler_token_id  # noqa: E402
+from qstar_ds.rollout import oracle_thoughts  # noqa: E402
 
 VARIANTS = ("own", "other", "filler", "truth", "wrong")
 DEFAULT_FOCUS = r"(?<== )-?\d+"
-
-
-def truth_thoughts(ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor, t: int, pad: int) -> torch.Tensor:
-    """(D, n) ids and mask, (D, P) anchors -> (D, P, t): x_{i+1..i+t} after each anchor i (`pad`
-    past the sequence's end and on padding)."""
-    n = ids.shape[1]
-    src = torch.nn.functional.pad(ids.masked_fill(~mask.bool(), pad), (0, t), value=pad)      # (D, n + t)
-    idx = anchor.long()[..., None] + 1 + torch.arange(t)                                       # (D, P, t)
-    return src.gather(1, idx.clamp(max=n + t - 1).flatten(1)).view(idx.shape)
 
 
 def wrong_thoughts(truth: torch.Tensor, run: torch.Tensor, digit_ids: list[int], gen: torch.Generator) -> torch.Tensor:
@@ -107,6 +99,20 @@ def base_argmax(model, ids: torch.Tensor, mask: torch.Tensor, backend: str, batc
     return torch.cat(out)
 
 
+def states_next_digit(thoughts: torch.Tensor, nxt: torch.Tensor, where: torch.Tensor, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, P, t) thoughts, (D, P) next tokens, (D, P) bool -> (said, digit), (D, P) bool each:
+    `digit`, the next token (where `where`) is one digit; `said`, the first digit in the
+    thought's text is that digit (a thought writes " 28." before "2": leading text is skipped)."""
+    said, digit = torch.zeros_like(where), torch.zeros_like(where)
+    for d, p in where.nonzero().tolist():
+        target = tok.decode([int(nxt[d, p])]).strip()
+        if len(target) == 1 and target.isdigit():
+            digit[d, p] = True
+            first = next((c for c in tok.decode(thoughts[d, p].tolist()) if c.isdigit()), None)
+            said[d, p] = first == target
+    return said, digit
+
+
 def per_sequence(values: torch.Tensor, where: torch.Tensor) -> list:
     """(D, P) values, (D, P) bool -> each sequence's mean over `where` (None: no such position)."""
     w = where.double()
@@ -114,9 +120,10 @@ def per_sequence(values: torch.Tensor, where: torch.Tensor) -> list:
 
 
 def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_id: int | None, seed: int,
-                batch: int, log=print) -> dict:
+                batch: int, log=print, variants=VARIANTS) -> dict:
     """Every variant's scores on the positions whose next token `pattern` marks -> per-sequence
-    lists (None where a sequence has no marked token) and counts. ids, mask (D, n) on the CPU."""
+    lists (None where a sequence has no marked token) and counts, for `own` and `variants`. ids,
+    mask (D, n) on the CPU."""
     digit_ids = digit_token_ids(tok)
     if digit_ids is None:
         raise TaskError("the tokenizer does not give each digit 0-9 a token of its own, so `wrong` is undefined")
@@ -127,21 +134,24 @@ def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_
     anchor, valid = own["anchor"], own["valid"].bool()
     in_focus = token_focus(ids, tok, pattern)
     where = focus_positions(in_focus, anchor, valid)                                            # (D, P)
-    truth = truth_thoughts(ids, mask, anchor, cfg.thought_len, fill)
+    truth = oracle_thoughts(ids, mask, anchor, None, cfg.thought_len, fill)                     # (D, P, t)
     thoughts = {"other": own["thoughts"].roll(1, dims=0), "filler": torch.full_like(truth, fill), "truth": truth,
                 "wrong": wrong_thoughts(truth, marked_runs(in_focus, anchor, cfg.thought_len), digit_ids,
                                         torch.Generator().manual_seed(seed))}
     scores = {"own": own}
     for name, th in thoughts.items():
+        if name not in variants:
+            continue
         # other positions keep the own thought: the next token's score depends only on its own position's thought
         th = torch.where(where[..., None], th, own["thoughts"])
         scores[name] = nll_scores(model, cfg, ids, mask, batch, seed, thoughts=th, read=True)
         log(f"  {name} ({time.perf_counter() - t0:.0f} s)")
     nxt = ids.gather(1, (anchor.long() + 1).clamp(max=ids.shape[1] - 1))                        # (D, P)
     best = base_argmax(model, ids, mask, cfg.attention_backend, batch).gather(1, anchor.long().clamp(max=ids.shape[1] - 2))
+    said, digit = states_next_digit(own["thoughts"], nxt, where, tok)
     out = {"tokens": int(where.sum()), "sequences": int(where.any(1).sum()),
-           "own_first_right": per_sequence((own["thoughts"][..., 0] == nxt).double(), where),
-           "base_argmax_right": per_sequence(best.double(), where),
+           "own_says_digit": per_sequence(said.double(), where & digit),
+           "base_argmax_right": per_sequence(best.double(), where & digit),
            "base": per_sequence(-own["base"], where)}
     for name, s in scores.items():
         out[name] = {"mixed": per_sequence(-s["mixed"], where), "read": per_sequence(-s["read"], where),
@@ -166,16 +176,17 @@ def summarize(per_model: list[dict]) -> dict:
         return ci([x - y if x is not None and y is not None else None for x, y in zip(a, b)])
 
     out = {"tokens": sum(m["tokens"] for m in per_model), "sequences": sum(m["sequences"] for m in per_model),
-           "base": ci(cat(lambda m: m["base"])), "own_first_right": ci(cat(lambda m: m["own_first_right"])),
+           "base": ci(cat(lambda m: m["base"])), "own_says_digit": ci(cat(lambda m: m["own_says_digit"])),
            "base_argmax_right": ci(cat(lambda m: m["base_argmax_right"]))}
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if v in per_model[0]]:
         r = {k: ci(cat(lambda m: m[v][k])) for k in ("mixed", "read", "w")}
         if v != "own":
             for k in ("mixed", "read"):
                 r[k + "_minus_own"] = diff(cat(lambda m: m[v][k]), cat(lambda m: m["own"][k]))
         out[v] = r
-    out["wrong_minus_truth"] = {k: diff(cat(lambda m: m["wrong"][k]), cat(lambda m: m["truth"][k]))
-                                for k in ("mixed", "read")}
+    if "wrong" in out and "truth" in out:
+        out["wrong_minus_truth"] = {k: diff(cat(lambda m: m["wrong"][k]), cat(lambda m: m["truth"][k]))
+                                    for k in ("mixed", "read")}
     return out
 
 
@@ -186,16 +197,17 @@ def fmt(c: dict, sign: bool = False) -> str:
 
 def lines(s: dict) -> list[str]:
     out = [f"{s['tokens']} marked tokens in {s['sequences']} sequences; base NLL there {fmt(s['base'])}; "
-           f"own thought's first token right {s['own_first_right']['mean']:.1%}, base argmax right "
-           f"{s['base_argmax_right']['mean']:.1%}",
+           f"where the next token is a digit, own thought's first digit is it {s['own_says_digit']['mean']:.1%}, "
+           f"the base model's argmax is it {s['base_argmax_right']['mean']:.1%}",
            f"{'thought':8s} {'mixed NLL':>26s} {'minus own':>28s} {'reader alone NLL':>26s} {'minus own':>28s} {'w':>7s}"]
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if v in s]:
         r = s[v]
         out.append(f"{v:8s} {fmt(r['mixed']):>26s} {fmt(r['mixed_minus_own'], True) if v != 'own' else '':>28s} "
                    f"{fmt(r['read']):>26s} {fmt(r['read_minus_own'], True) if v != 'own' else '':>28s} "
                    f"{r['w']['mean']:7.4f}")
-    w = s["wrong_minus_truth"]
-    out.append(f"wrong - truth: mixed {fmt(w['mixed'], True)}, reader {fmt(w['read'], True)} (> 0: it reads the number)")
+    w = s.get("wrong_minus_truth")
+    if w:
+        out.append(f"wrong - truth: mixed {fmt(w['mixed'], True)}, reader {fmt(w['read'], True)} (> 0: it reads the number)")
     return out
 
 
@@ -212,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--talk_len", type=int, default=None, help="with --data: K (default: the run's or 4)")
     ap.add_argument("--temperature", type=float, default=None, help="thought temperature (default: the run's eval)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's data seed)")
+    ap.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                    help="which thoughts to score besides own (comma-separated; default all)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the pooled summary and per-model lists as JSON")
     args = ap.parse_args(argv)
@@ -222,6 +236,10 @@ def main(argv=None) -> int:
         return 2
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         print(f"oracle_thought_probe: --out={args.out!r}: its directory does not exist", file=sys.stderr)
+        return 2
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v not in VARIANTS for v in variants):
+        print(f"oracle_thought_probe: --variants={args.variants!r}: choose from {','.join(VARIANTS[1:])}", file=sys.stderr)
         return 2
     if args.data is not None and not os.path.isfile(args.data):
         print(f"oracle_thought_probe: --data={args.data!r}: no such file", file=sys.stderr)
@@ -254,7 +272,7 @@ def main(argv=None) -> int:
                   f"thoughts of {cfg.thought_len} at T {temp:g}, seed {seed}", flush=True)
             m = score_model(loaded.model, loaded.tokenizer, cfg, ids, mask,
                             args.focus, loaded.filler_id, seed, args.batch_size,
-                            log=lambda s: print(s, flush=True))
+                            log=lambda s: print(s, flush=True), variants=variants)
         except (ConfigError, TaskError) as e:
             print(f"oracle_thought_probe: error: {e}", file=sys.stderr)
             return 2
