@@ -21,8 +21,8 @@ marks (default: the results after "= " of the built-in corpus), and scores that 
 
 Per variant, on the marked tokens: the NLL of the mixed prediction (what the model predicts),
 of the post-thought state alone (the reader: does it copy from the thought?) and the mean
-mixing weight; the paired differences to `own`; where the next token is one digit, the share of own
-thoughts whose first digit is it (the policy's accuracy), and of the base model's argmax. Several --model checkpoints are scored one after
+mixing weight; the paired differences to `own`; before the first digit of a marked number, the
+share of own thoughts whose first digit is it (the policy's accuracy) and of the base model's argmax. Several --model checkpoints are scored one after
 another and pooled (per-sequence values, 95% CI over (model, sequence)). A checkpoint is scored on
 its run's held-out sequences (evaluate.py --nll_heldout) with the run's evaluation temperature,
 talk length and seed, as tools/experiment.py's --focus scoring does; --data scores a text file.
@@ -149,9 +149,12 @@ def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_
     nxt = ids.gather(1, (anchor.long() + 1).clamp(max=ids.shape[1] - 1))                        # (D, P)
     best = base_argmax(model, ids, mask, cfg.attention_backend, batch).gather(1, anchor.long().clamp(max=ids.shape[1] - 2))
     said, digit = states_next_digit(own["thoughts"], nxt, where, tok)
+    # a number's first digit: the token before it is not marked (mid-number, a thought that
+    # restates the whole number would be scored against the wrong digit)
+    first = digit & ~in_focus.gather(1, anchor.long().clamp(max=ids.shape[1] - 1))
     out = {"tokens": int(where.sum()), "sequences": int(where.any(1).sum()),
-           "own_says_digit": per_sequence(said.double(), where & digit),
-           "base_argmax_right": per_sequence(best.double(), where & digit),
+           "own_says_digit": per_sequence(said.double(), first),
+           "base_argmax_right": per_sequence(best.double(), first),
            "base": per_sequence(-own["base"], where)}
     for name, s in scores.items():
         out[name] = {"mixed": per_sequence(-s["mixed"], where), "read": per_sequence(-s["read"], where),
@@ -197,7 +200,7 @@ def fmt(c: dict, sign: bool = False) -> str:
 
 def lines(s: dict) -> list[str]:
     out = [f"{s['tokens']} marked tokens in {s['sequences']} sequences; base NLL there {fmt(s['base'])}; "
-           f"where the next token is a digit, own thought's first digit is it {s['own_says_digit']['mean']:.1%}, "
+           f"before a number's first digit, own thought's first digit is it {s['own_says_digit']['mean']:.1%}, "
            f"the base model's argmax is it {s['base_argmax_right']['mean']:.1%}",
            f"{'thought':8s} {'mixed NLL':>26s} {'minus own':>28s} {'reader alone NLL':>26s} {'minus own':>28s} {'w':>7s}"]
     for v in [v for v in VARIANTS if v in s]:
