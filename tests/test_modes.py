@@ -32,6 +32,37 @@ def setup(overrides: dict, init: dict):
     return cfg, model, tok, stream, vocab
 
 
+def fixed_mode_run(tmp_path, name: str, over: dict):
+    """A 2-rank ZeRO-3 run with `over` (filler " ..."), and what checking it needs: (worker dump,
+    config, the model at the run's init, tokenizer, the run's data stream, the filler token, the
+    token ids of every learn micro-step on rank 0)."""
+    two = run_worker(tmp_path, name, 2, over)
+    cfg, model, tok, stream, _ = setup(over, two["init"])
+    learn_calls = [ids for ids in two["fed"] if ids.shape[-1] > cfg.data.seq_len]
+    assert learn_calls, "no learn micro-step was recorded"
+    return two, cfg, model, tok, stream, filler_token_id(tok, " ..."), learn_calls
+
+
+def fixed_thought_reference(cfg, model, stream, thoughts_of) -> dict:
+    """The run's steps in one process without DeepSpeed: the learn pass with every position
+    thinking `thoughts_of(x, anchor)` (B, M, t), reward 0, torch SGD and the run's schedule ->
+    the final parameters."""
+    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
+    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    n = cfg.data.seq_len
+    for _ in range(cfg.train.max_steps):
+        x, am = stream.next_batch(cfg.train.batch_size)
+        anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None]
+        anchor = anchor.expand(x.shape[0], -1)
+        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts_of(x, anchor), rewards=torch.zeros(anchor.shape))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
 def test_off_mode_is_a_plain_causal_lm_step(tmp_path):
     """thought.mode=off under 2-rank ZeRO-3 == the plain HF model (without the two marker rows)
     trained with its own `labels=` loss and torch SGD; the thought parts do not move."""
@@ -58,33 +89,16 @@ def test_off_mode_is_a_plain_causal_lm_step(tmp_path):
 
 
 def test_filler_mode_feeds_the_filler_and_equals_the_learn_pass_on_it(tmp_path):
-    over = {"thought.mode": "filler", "thought.filler": " ..."}
-    two = run_worker(tmp_path, "filler", 2, over)
-    cfg, model, tok, stream, _ = setup(over, two["init"])
-    filler = filler_token_id(tok, " ...")
+    two, cfg, model, tok, stream, filler, learn_calls = fixed_mode_run(
+        tmp_path, "filler", {"thought.mode": "filler", "thought.filler": " ..."})
     t, L, n = cfg.thought.thought_len, cfg.thought.stream_len, cfg.data.seq_len
-    learn_calls = [ids for ids in two["fed"] if ids.shape[-1] > n]
-    assert learn_calls, "no learn micro-step was recorded"
     for ids in learn_calls:
         streams = ids[0, n:].view(-1, L)                                    # (streams, L)
         assert (streams[:, 0] == model.sot_id).all() and (streams[:, t + 1] == model.eot_id).all()
         bad = (streams[:, 1:t + 1] != filler).nonzero()
         assert bad.numel() == 0, f"non-filler thought tokens at (stream, slot) {bad[:5].tolist()}"
     # the same two steps, one process, no DeepSpeed: the learn pass on filler thoughts, reward 0
-    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
-    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    for _ in range(cfg.train.max_steps):
-        x, am = stream.next_batch(cfg.train.batch_size)
-        B = x.shape[0]
-        anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)
-        thoughts = torch.full((*anchor.shape, t), filler)
-        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=torch.zeros(anchor.shape))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        sched.step()
-    ref = {k: v.detach() for k, v in model.named_parameters()}
+    ref = fixed_thought_reference(cfg, model, stream, lambda x, anchor: torch.full((*anchor.shape, t), filler))
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss_reinforce"] == 0
 
@@ -110,14 +124,10 @@ def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_i
     checkpoint with the same thoughts as the trainer's own held-out evaluation."""
     import subprocess
     import sys
-    over = {"thought.mode": "oracle", "thought.oracle_focus": r"\d", "thought.filler": " ...",
-            "eval.sequences": 4, "eval.batch_size": 2, "train.save_every": 2}
-    two = run_worker(tmp_path, "oracle", 2, over)
-    cfg, model, tok, stream, _ = setup(over, two["init"])
-    filler = filler_token_id(tok, " ...")
+    two, cfg, model, tok, stream, filler, learn_calls = fixed_mode_run(
+        tmp_path, "oracle", {"thought.mode": "oracle", "thought.oracle_focus": r"\d", "thought.filler": " ...",
+                             "eval.sequences": 4, "eval.batch_size": 2, "train.save_every": 2})
     t, L, n = cfg.thought.thought_len, cfg.thought.stream_len, cfg.data.seq_len
-    learn_calls = [ids for ids in two["fed"] if ids.shape[-1] > n]
-    assert learn_calls, "no learn micro-step was recorded"
     truths = 0
     for ids in learn_calls:
         x = ids[0, :n].tolist()
@@ -126,20 +136,7 @@ def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_i
                 truths += 1
                 assert any(x[i + 1:i + 1 + t] + [filler] * (t - len(x[i + 1:i + 1 + t])) == th for i in range(n - 1))
     assert truths > 0, "no stream carried the text's continuation"
-    groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
-    opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    for _ in range(cfg.train.max_steps):
-        x, am = stream.next_batch(cfg.train.batch_size)
-        B = x.shape[0]
-        anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None].expand(B, -1)
-        thoughts = oracle_reference(x, tok, anchor, t, filler, r"\d")
-        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=torch.zeros(anchor.shape))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        sched.step()
-    ref = {k: v.detach() for k, v in model.named_parameters()}
+    ref = fixed_thought_reference(cfg, model, stream, lambda x, anchor: oracle_reference(x, tok, anchor, t, filler, r"\d"))
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss_reinforce"] == 0
     record = json.loads((tmp_path / "oracle" / "eval" / "step_00000002.json").read_text())
