@@ -29,7 +29,7 @@ def _require_regex(key: str, value) -> None:
         _require(False, key, value, f"is not a regular expression ({e})")
 
 
-MODES = ("quiet_star", "filler", "off", "oracle")
+MODES = ("quiet_star", "filler", "off", "oracle", "teacher")
 REWARDS = ("mixed", "read")
 TALK_POSITIONS = ("after_thought", "resume")
 MIN_TEMPERATURE = 1e-6
@@ -48,9 +48,14 @@ class ThoughtConfig:
     oracle: a positive control that sees the future, never a method: the thought after position i
     is the text's own next thought_len tokens where `oracle_focus` marks x_{i+1}, the filler thought
     elsewhere (no rollout, no REINFORCE): how much a model learns to gain from a thought that says
-    the right thing, in the same steps, and whether the instruments show it."""
+    the right thing, in the same steps, and whether the instruments show it.
+    teacher: a diagnostic of the policy, never a method (qstar_ds/teacher.py): where the context
+    ends with "a + b = " and digits of the result, the thought fed in training is the units step
+    "u+v=s" and it is the policy's target (reward 1: the REINFORCE term is its NLL, weight beta);
+    the filler thought elsewhere; held-out evaluation samples the model's own thought there: what
+    thoughts are worth when the policy has been taught to write a step that computes."""
     filler: str = "..."
-    """filler and oracle modes: the text whose first token fills every thought slot."""
+    """filler, oracle and teacher modes: the text whose first token fills every thought slot."""
     oracle_focus: str = ""
     """oracle mode: a regular expression; positions whose next token overlaps a match in the
     decoded text (heldout.token_focus) get the true continuation as their thought, e.g.

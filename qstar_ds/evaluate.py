@@ -60,6 +60,7 @@ from .layout import Layout
 from .logprobs import at_least_fp32
 from .model import shape_of
 from .rollout import default_positions, new_cache, oracle_thoughts, rollout
+from .teacher import sampled_where_asked
 from .schedule import rank_major_order
 from .tasks import (COT_ANSWER, COT_TRIGGER, TASKS, AnswerTokens, Item, TaskError, answer_tokens, first_number,
                     load_items, majority)
@@ -240,9 +241,10 @@ def cot_batch(model, cfg, tokenizer, items: list[Item], thoughts: bool, settings
 def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int,
                filler_id: int | None = None, progress: bool = False,
                thoughts: torch.Tensor | None = None, index: torch.Tensor | None = None,
-               read: bool = False) -> dict[str, torch.Tensor]:
+               read: bool = False, partial: bool = False) -> dict[str, torch.Tensor]:
     """heldout.token_scores of sequences (D, n), one thought per position (the filler thought
-    for a model trained with filler thoughts; `thoughts` (D, P, t): these) -> tensors (D, P)
+    for a model trained with filler thoughts; `thoughts` (D, P, t): these, with `partial` sampled
+    where they are below 0) -> tensors (D, P)
     (with "anchor", the position i each scores x_{i+1} after), and "thoughts" (D, P, t), the
     thoughts scored. Each batch samples with seed + the index (in
     `index` (D,), default 0..D-1) of its first sequence: with batch size 1 every sequence draws
@@ -260,7 +262,7 @@ def nll_scores(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
             fixed = thoughts[a:a + batch_size].to(dev)
         first = a if index is None else int(index[a])
         ro = rollout(model, cfg, x, x_mask, positions, torch.Generator(device=dev).manual_seed(seed + first),
-                     base_logprobs=True, thoughts=fixed, read_logprobs_too=read)
+                     base_logprobs=True, thoughts=fixed, read_logprobs_too=read, partial=partial)
         for k, v in token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w,
                                  read_logp=ro.read_logp).items():
             parts.setdefault(k, []).append(v.cpu())
@@ -293,10 +295,13 @@ def run_heldout_sequences(run_config: dict, tokenizer, count: int | None) -> tup
 
 
 def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: int | None, rank: int, world: int,
-            sequences: tuple[torch.Tensor, torch.Tensor] | None = None, oracle: tuple[int, str] | None = None) -> dict:
+            sequences: tuple[torch.Tensor, torch.Tensor] | None = None, oracle: tuple[int, str] | None = None,
+            teacher: int | None = None) -> dict:
     """`sequences` (ids, mask): score these (described by `path`), else the file at `path`.
     `oracle` (filler token, pattern) of a model trained with thought.mode=oracle: its thoughts,
-    the text's own continuation where the pattern marks the next token (rollout.oracle_thoughts)."""
+    the text's own continuation where the pattern marks the next token (rollout.oracle_thoughts).
+    `teacher` (filler token) of a model trained with thought.mode=teacher: its own thought where
+    the context asks for a sum, the filler elsewhere (teacher.sampled_where_asked)."""
     ids, mask = sequences or nll_sequences(tokenizer, path, args.nll_seq_len, args.nll_sequences or 64,
                                            args.text_field)
     ecfg = ThoughtConfig(**{**vars(cfg), "n_thoughts": 1, "talk_len": args.talk_len})
@@ -315,13 +320,17 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
         anchor = default_positions(ids.shape[1], ecfg.talk_len)[None].expand(mine_ids.shape[0], -1)
         marked = token_focus(mine_ids, tokenizer, pattern) & mine_mask.bool() if pattern else None
         fixed = oracle_thoughts(mine_ids, mine_mask, anchor, marked, ecfg.thought_len, fill)
+    if teacher is not None:
+        anchor = default_positions(ids.shape[1], ecfg.talk_len)[None].expand(mine_ids.shape[0], -1)
+        fixed = sampled_where_asked(mine_ids, mine_mask, anchor, tokenizer, ecfg.thought_len, teacher)
     mix_ws = getattr(args, "nll_read_mix", None) or []
     t0 = time.perf_counter()
     mine_index = torch.arange(ids.shape[0])[rank::world]
     mine_draws, other_draws = [], []
     for j in range(draws):
         one = nll_scores(model, ecfg, mine_ids, mine_mask, args.batch_size, args.seed + j * DRAW_SEED_STRIDE,
-                         filler_id, progress=rank == 0, index=mine_index, read=bool(mix_ws), thoughts=fixed)
+                         filler_id, progress=rank == 0, index=mine_index, read=bool(mix_ws), thoughts=fixed,
+                         partial=teacher is not None)
         mine_draws.append(one)
         if shuffled:
             # sequence d gets the thoughts sampled at the same positions of sequence d - 1 (mod D)
@@ -353,7 +362,8 @@ def run_nll(model, tokenizer, cfg: ThoughtConfig, path: str, args, filler_id: in
         where = focus_positions(token_focus(ids, tokenizer, pattern), mine["anchor"], mine["valid"])
         m["focus"] = {"pattern": pattern, **focus_summary(mine, where, other)}
     m.update(task="nll", file=path, seq_len=args.nll_seq_len, talk_len=ecfg.talk_len, temperature=ecfg.temperature,
-             thoughts="filler" if filler_id is not None else "oracle" if oracle is not None else "sampled",
+             thoughts="filler" if filler_id is not None else "oracle" if oracle is not None else
+             "sampled where the context asks for a sum" if teacher is not None else "sampled",
              thought_samples=draws,
              seconds=time.perf_counter() - t0)
     return m
@@ -556,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             raise TaskError(f"--model={args.model!r} was trained with oracle thoughts (thought.mode=oracle), the "
                             f"text's own continuation, which a question has not got: score it with --tasks nll, or "
                             f"{','.join(tasks)} with --thoughts off")
+        if loaded.teacher is not None and tasks and args.thoughts != "off":
+            raise TaskError(f"--model={args.model!r} was trained with teacher thoughts (thought.mode=teacher): it "
+                            f"thinks only where the context asks for a sum, which the task scorers do not follow: score "
+                            f"it with --tasks nll, or {','.join(tasks)} with --thoughts off")
         if not args.cot_temperature > 0:
             raise TaskError(f"--cot_temperature={args.cot_temperature}: must be > 0")
     except (ConfigError, TaskError, ValueError, FileNotFoundError) as e:
@@ -572,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 seqs = run_heldout_sequences(loaded.run_config, loaded.tokenizer, args.nll_sequences)
                 args.nll_seq_len = int(seqs[0].shape[1])
             nll = run_nll(loaded.model, loaded.tokenizer, cfg, nll_file, args, loaded.filler_id, rank, world, seqs,
-                          oracle=loaded.oracle)
+                          oracle=loaded.oracle, teacher=loaded.teacher)
         except (ConfigError, TaskError) as e:
             print(f"qstar_ds.evaluate: error: {e}", file=sys.stderr)
             return 2

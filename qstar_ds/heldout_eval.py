@@ -19,6 +19,7 @@ from .learn import LearnOutput, base_pass
 from .losses import stream_validity
 from .metrics import progress
 from .rollout import Rollout, default_positions, oracle_thoughts, rollout
+from .teacher import sampled_where_asked
 from .schedule import eval_share, rank_major_order
 from .viewer import page_data, render
 
@@ -105,8 +106,9 @@ class HeldoutEval:
     def _score(self, cfg: ThoughtConfig, ids, mask, rows: list[int], positions) -> dict[str, torch.Tensor]:
         """heldout.token_scores (and the thoughts) of held-out sequences `rows`: one thought after
         every position (the filler in filler mode; in oracle mode the true continuation where
-        thought.oracle_focus marks the next token, as in training; none in off mode, where "with
-        thoughts" is the plain model)."""
+        thought.oracle_focus marks the next token, as in training; in teacher mode the model's own
+        thought where the context asks for a sum, the filler elsewhere; none in off mode, where
+        "with thoughts" is the plain model)."""
         x, x_mask = ids[rows], mask[rows]
         mode, t = self.cfg.thought.mode, cfg.thought_len
         if mode == "off":
@@ -120,9 +122,12 @@ class HeldoutEval:
             pattern = self.cfg.thought.oracle_focus
             marked = token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool() if pattern else None
             fixed = oracle_thoughts(x, x_mask, positions[None].expand(len(rows), -1), marked, t, self.filler_id)
+        if mode == "teacher":
+            fixed = sampled_where_asked(x.cpu(), x_mask.cpu(), positions[None].expand(len(rows), -1).cpu(),
+                                        self.tokenizer, t, self.filler_id).to(x.device)
         ro = Rollout(**self.engine(fn=rollout, cfg=cfg, input_ids=x, attention_mask=x_mask, positions=positions,
                                    generator=sequence_generator(self.cfg.eval.seed, -1, rows[0], self.dist.device),
-                                   base_logprobs=True, thoughts=fixed))
+                                   base_logprobs=True, thoughts=fixed, partial=mode == "teacher"))
         return {**token_scores(ro.base_logp, ro.talk_logp, ro.anchor, ro.valid, ro.mix_w), "thoughts": ro.thoughts}
 
     def _gather_sequences(self, local: dict[str, torch.Tensor], D: int) -> dict[str, torch.Tensor]:

@@ -45,6 +45,9 @@ class Loaded:
     """When the model was trained with thought.mode=oracle: (its filler token, its
     thought.oracle_focus, "" = every position): its thoughts are the text's own continuation
     where the pattern marks the next token and the filler elsewhere. Else None."""
+    teacher: int | None = None
+    """When the model was trained with thought.mode=teacher: its filler token (it thinks its own
+    thought where the context asks for a sum, the filler elsewhere). Else None."""
 
 
 def is_checkpoint(path: str) -> bool:
@@ -88,7 +91,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     """Load `spec` (see the module docstring) in eval mode on `device`."""
     from .hub import build_base
 
-    thought_len, filler_id, run_config, talk_positions, oracle = 8, None, None, "after_thought", None
+    thought_len, filler_id, run_config, talk_positions, oracle, teacher = 8, None, None, "after_thought", None, None
     if os.path.isfile(os.path.join(spec, META_FILE)):
         model = QuietStarModel.from_pretrained(spec, dtype=dtype)
         tok = load_tokenizer(spec)
@@ -98,13 +101,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         talk_positions = qs_meta.get("talk_positions", talk_positions)
         if "oracle_focus" in qs_meta:
             oracle = (int(qs_meta["oracle_filler_id"]), str(qs_meta["oracle_focus"]))
+        if "teacher_filler_id" in qs_meta:
+            teacher = int(qs_meta["teacher_filler_id"])
         source = f"QuietStarModel directory {spec}"
     elif os.path.isdir(spec) and is_checkpoint(spec):
         model, tok, meta, path = model_from_checkpoint(spec)
         thought_len = meta["signature"].get("thought_len", thought_len)
         filler_id, run_config = trained_filler_id(meta, tok), meta.get("config")
         talk_positions = (run_config or {}).get("thought", {}).get("talk_positions", talk_positions)
-        oracle = trained_oracle(meta, tok)
+        oracle, teacher = trained_oracle(meta, tok), trained_teacher(meta, tok)
         source = f"DeepSpeed checkpoint {path} (step {meta.get('step')})"
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, META)):
         raise FileNotFoundError(f"{spec} is an incomplete checkpoint (no {COMPLETE} marker)")
@@ -116,7 +121,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()
     return Loaded(model, tok, torch.device(device), int(thought_len), source, filler_id, run_config,
-                  str(talk_positions), oracle)
+                  str(talk_positions), oracle, teacher)
 
 
 def trained_oracle(meta: dict, tokenizer) -> tuple[int, str] | None:
@@ -126,6 +131,15 @@ def trained_oracle(meta: dict, tokenizer) -> tuple[int, str] | None:
         return None
     from .model import filler_token_id
     return filler_token_id(tokenizer, thought.get("filler", "...")), str(thought.get("oracle_focus", ""))
+
+
+def trained_teacher(meta: dict, tokenizer) -> int | None:
+    """The filler token of a checkpoint trained with thought.mode=teacher, else None."""
+    thought = meta.get("config", {}).get("thought", {})
+    if thought.get("mode") != "teacher":
+        return None
+    from .model import filler_token_id
+    return filler_token_id(tokenizer, thought.get("filler", "..."))
 
 
 def trained_filler_id(meta: dict, tokenizer) -> int | None:

@@ -170,11 +170,14 @@ def new_cache():
 
 def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
                     generator: torch.Generator | None, fixed: torch.Tensor | None = None,
-                    logprobs: list | None = None) -> tuple[torch.Tensor, Layout]:
+                    logprobs: list | None = None, partial: bool = False) -> tuple[torch.Tensor, Layout]:
     """Feed <sot>, c_1 .. c_{t-1} to every stream of `layout` (streams attached, nothing of them
     cached yet), one KV-cached step per token, sampling c_1 .. c_t (or teacher-forcing `fixed`
     (B, M, t), e.g. filler thoughts). -> (thoughts (B, M, t), the layout after the t steps).
-    `logprobs`: a list that receives each step's (B, M) log-probs of c_s at temperature 1."""
+    `logprobs`: a list that receives each step's (B, M) log-probs of c_s at temperature 1.
+    `partial`: the entries of `fixed` below 0 are sampled, the others fed (the logits are computed
+    at every step whatever the entries, so that every ZeRO-3 rank runs the same modules); a
+    stream's sample does not depend on the other streams' tokens."""
     B, M = layout.anchor.shape
     tok = layout.anchor.new_full((B, M), model.sot_id)
     thoughts = []
@@ -182,8 +185,14 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
         layout = layout.extend(s, 1)
         h = model.hidden(tok, layout, cache)                                   # (B, M, H)
         noise = generator.at(layout.anchor, cfg.n_thoughts, s) if isinstance(generator, Noise) else generator
-        logits = model.logits(h) if fixed is None or logprobs is not None else None  # (B, M, V)
-        tok = fixed[..., s] if fixed is not None else sample_tokens(logits, cfg.temperature, cfg.top_k, noise)
+        logits = model.logits(h) if fixed is None or logprobs is not None or partial else None  # (B, M, V)
+        if fixed is None:
+            tok = sample_tokens(logits, cfg.temperature, cfg.top_k, noise)
+        elif partial:
+            f = fixed[..., s]
+            tok = torch.where(f >= 0, f, sample_tokens(logits, cfg.temperature, cfg.top_k, noise))
+        else:
+            tok = fixed[..., s]
         if logprobs is not None:
             logprobs.append(logits.float().log_softmax(-1).gather(-1, tok[..., None])[..., 0])
         thoughts.append(tok)
@@ -194,13 +203,14 @@ def sample_thoughts(model, cfg: ThoughtConfig, layout: Layout, cache,
 def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             positions: torch.Tensor | None = None, generator: torch.Generator | None = None,
             base_logprobs: bool = False, thoughts: torch.Tensor | None = None,
-            read_logprobs_too: bool = False, thought_logprobs_too: bool = False) -> Rollout:
+            read_logprobs_too: bool = False, thought_logprobs_too: bool = False, partial: bool = False) -> Rollout:
     """input_ids, attention_mask (B, n); positions (P,) base indices to think after (default:
     all whose talk window fits). Returns thoughts and their talk log-probs and rewards, and with
     `base_logprobs` the base model's next-token log-probs from the same prefill. `thoughts`
     (B, M, t): feed these instead of sampling (filler thoughts). `read_logprobs_too`: also the
     post-thought states' own log-probs of the talk targets (Rollout.read_logp);
-    `thought_logprobs_too`: the thought tokens' log-probs under the policy (Rollout.thought_logp)."""
+    `thought_logprobs_too`: the thought tokens' log-probs under the policy (Rollout.thought_logp).
+    `partial`: sample the entries of `thoughts` below 0, feed the others (sample_thoughts)."""
     B, n = input_ids.shape
     t, K, r = cfg.thought_len, cfg.talk_len, cfg.n_thoughts
     if positions is None:
@@ -218,7 +228,7 @@ def rollout(model, cfg: ThoughtConfig, input_ids: torch.Tensor, attention_mask: 
 
     fixed = thoughts
     thought_logp = [] if thought_logprobs_too else None
-    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed, thought_logp)  # (B, M, t)
+    thoughts, layout = sample_thoughts(model, cfg, layout, cache, generator, fixed, thought_logp, partial)  # (B, M, t)
 
     # c_t, <eot>, x_{i+1} .. x_{i+K-1}: stream tokens t .. t+K in one step.
     last = torch.cat([thoughts[..., -1:], input_ids.new_full((B, M, 1), model.eot_id),

@@ -42,6 +42,7 @@ from .model import QuietStarModel, filler_token_id, randomize_mixing_head, read_
 from .preemption import Preemption
 from .learn import LearnOutput, base_pass, learn_pass
 from .rollout import Rollout, oracle_thoughts, rollout, sequence_noise, step_positions
+from .teacher import check_fits, teacher_thoughts
 from .schedule import learn_share, plan_step, rollout_units, units_of
 
 TEMPLATE_DIR = "hf_template"
@@ -112,6 +113,11 @@ class Trainer:
             markers = read_marker_file(cfg.model.thought_init_file)
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = build_base(cfg.model.name, self.dtype, cfg.model.gguf_file, cfg.train.seed)
+        if cfg.thought.mode == "teacher":
+            try:
+                check_fits(self.tokenizer, cfg.thought.thought_len)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         model = QuietStarModel.from_base(base, self.tokenizer, cfg.model.thought_init,
                                          mix_rule=cfg.model.mix_rule, mix_init=cfg.model.mix_init)
         if markers is not None:
@@ -254,15 +260,20 @@ class Trainer:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """thoughts (B, M, t) and rewards (B, M) of this step after `positions`: sampled and scored
         (quiet_star), the filler token everywhere with reward 0 (filler), the true continuation
-        where thought.oracle_focus marks the next token, with reward 0 (oracle), or none (off)."""
+        where thought.oracle_focus marks the next token, with reward 0 (oracle), the units step where
+        the context asks for a sum, with reward 1 (teacher: the REINFORCE term is the step's NLL),
+        or none (off)."""
         B, n = x.shape
         t, mode = self.cfg.thought.thought_len, self.cfg.thought.mode
         if mode == "quiet_star":
             return self._rollouts(x, x_mask, positions)
         M = self.plan.n_streams
+        anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)[:, :M]
         if mode == "oracle":
-            anchor = positions.repeat_interleave(self.cfg.thought.n_thoughts)[None].expand(B, -1)[:, :M]
             thoughts = oracle_thoughts(x, x_mask, anchor, self._oracle_marked(x, x_mask), t, self.filler_id)
+        elif mode == "teacher":
+            thoughts, on = teacher_thoughts(x.cpu(), x_mask.cpu(), anchor.cpu(), self.tokenizer, t, self.filler_id)
+            return thoughts.to(x.device), on.to(x.device, torch.float32)
         else:
             thoughts = x.new_full((B, M, t), self.filler_id if mode == "filler" else 0)
         return thoughts, torch.zeros(B, M, device=x.device)

@@ -63,6 +63,7 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--eval.focus", "(1"], "eval.focus='(1': is not a regular expression"),
     (["--thought.oracle_focus", "\\d"], "thought.oracle_focus='\\\\d': is used only with thought.mode=oracle"),
     (["--thought.mode", "oracle", "--thought.oracle_focus", "(1"], "thought.oracle_focus='(1': is not a regular expression"),
+    (["--thought.mode", "teacher"], "thought.thought_len=2: thought.mode=teacher writes steps such as '9+9=18'"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),
     (["--thought.beta", "big"], "thought.beta='big': expected a number"),
     (["--model.thought_init", ""], "model.thought_init='': must not be empty"),

@@ -1,8 +1,9 @@
 """The baselines of the learning experiment in the real trainer (2-rank ZeRO-3 on CPU, SGD so
 that an update is the gradient, see test_trainer.py): thought.mode=off is a plain causal-LM step,
 thought.mode=filler feeds exactly the filler thoughts and equals the learn pass on them,
-thought.mode=oracle feeds the text's own continuation where its pattern marks the next token; the
-held-out evaluation does not depend on the number of ranks."""
+thought.mode=oracle feeds the text's own continuation where its pattern marks the next token,
+thought.mode=teacher feeds the units step where the context asks for a sum and makes it the
+policy's target; the held-out evaluation does not depend on the number of ranks."""
 import json
 
 import pytest
@@ -43,10 +44,10 @@ def fixed_mode_run(tmp_path, name: str, over: dict):
     return two, cfg, model, tok, stream, filler_token_id(tok, " ..."), learn_calls
 
 
-def fixed_thought_reference(cfg, model, stream, thoughts_of) -> dict:
+def fixed_thought_reference(cfg, model, stream, thoughts_of, rewards_of=None) -> dict:
     """The run's steps in one process without DeepSpeed: the learn pass with every position
-    thinking `thoughts_of(x, anchor)` (B, M, t), reward 0, torch SGD and the run's schedule ->
-    the final parameters."""
+    thinking `thoughts_of(x, anchor)` (B, M, t), rewarded `rewards_of(x, anchor)` (B, M) (default
+    0), torch SGD and the run's schedule -> the final parameters."""
     groups = model.parameter_groups(cfg.optim.lr, 0.0, cfg.thought.thought_lr_mult, cfg.thought.mixing_lr_mult)
     opt = torch.optim.SGD(groups, lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -55,7 +56,8 @@ def fixed_thought_reference(cfg, model, stream, thoughts_of) -> dict:
         x, am = stream.next_batch(cfg.train.batch_size)
         anchor = default_positions(n, cfg.thought.talk_len).repeat_interleave(cfg.thought.n_thoughts)[None]
         anchor = anchor.expand(x.shape[0], -1)
-        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts_of(x, anchor), rewards=torch.zeros(anchor.shape))
+        rewards = torch.zeros(anchor.shape) if rewards_of is None else rewards_of(x, anchor)
+        out = learn_pass(model, cfg.thought, x, am, anchor, thoughts_of(x, anchor), rewards=rewards)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -154,6 +156,56 @@ def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_i
                           "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 2 and "oracle thoughts" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_teacher_mode_feeds_the_step_rewards_it_and_equals_the_learn_pass_on_it(tmp_path):
+    """thought.mode=teacher under 2-rank ZeRO-3: the streams carry the units step where the context
+    asks for a sum and the filler elsewhere, the update equals the one-process learn pass on those
+    thoughts with reward 1 on the steps (the REINFORCE term is their NLL), the trainer's held-out
+    evaluation samples only there, and evaluate.py scores the checkpoint the same way (greedy
+    thoughts, so that both draw the same) and refuses generation tasks with thoughts, one line."""
+    import subprocess
+    import sys
+
+    from qstar_ds.teacher import teacher_thoughts
+    over = {"thought.mode": "teacher", "thought.thought_len": 6, "thought.filler": " ...", "eval.sequences": 4,
+            "eval.batch_size": 2, "eval.temperature": 1e-6, "train.save_every": 2, "data.seq_len": 64}
+    two, cfg, model, tok, stream, filler, learn_calls = fixed_mode_run(tmp_path, "teacher", over)
+    t, L, n = cfg.thought.thought_len, cfg.thought.stream_len, cfg.data.seq_len
+    steps = 0
+    for ids in learn_calls:               # a learn micro-step holds some streams of one sequence
+        x = ids[:, :n]
+        every, on = teacher_thoughts(x, torch.ones_like(x), torch.arange(n)[None], tok, t, filler)
+        allowed = every[0].tolist()
+        for th in ids[0, n:].view(-1, L)[:, 1:t + 1].tolist():
+            assert th in allowed, tok.decode(th)
+            steps += th != [filler] * t
+    assert steps > 0, "no stream carried a step"
+    assert two["metrics"]["loss_reinforce"] > 0
+
+    def thoughts_of(x, anchor):
+        return teacher_thoughts(x, torch.ones_like(x), anchor, tok, t, filler)[0]
+
+    def rewards_of(x, anchor):
+        return teacher_thoughts(x, torch.ones_like(x), anchor, tok, t, filler)[1].float()
+    ref = fixed_thought_reference(cfg, model, stream, thoughts_of, rewards_of)
+    assert_same_update(two["init"], two["final"], ref)
+    record = json.loads((tmp_path / "teacher" / "eval" / "step_00000002.json").read_text())
+    out = tmp_path / "e.json"
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "teacher"), "--tasks",
+                          "nll", "--nll_heldout", "--talk_len", str(two["eval"]["talk_len"]), "--batch_size", "1",
+                          "--thought_temperature", "1e-6", "--output", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())["nll"]
+    assert got["thoughts"] == "sampled where the context asks for a sum"
+    assert got["sequence_nll_thoughts"] == pytest.approx(record["sequence_nll_thoughts"], rel=1e-5)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "teacher"), "--tasks",
+                          "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2 and "teacher thoughts" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):

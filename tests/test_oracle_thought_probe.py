@@ -13,7 +13,8 @@ from conftest import make_model
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from oracle_thought_probe import VARIANTS, marked_runs, score_model, summarize, wrong_thoughts  # noqa: E402
+from oracle_thought_probe import (DEFAULT_VARIANTS, marked_runs, score_model, summarize,  # noqa: E402
+                                  wrong_thoughts)
 
 from qstar_ds.config import ThoughtConfig  # noqa: E402
 from qstar_ds.data import arith_document  # noqa: E402
@@ -88,8 +89,67 @@ def test_scores_equal_nll_scores_with_that_thought_everywhere():
         for p in model.mixing_head.parameters():
             p.zero_()
     flat_head = score_model(model, tok, cfg, ids, mask, pattern, None, seed=5, batch=2, log=lambda s: None)
-    for v in VARIANTS:
+    for v in ("own",) + DEFAULT_VARIANTS:
         assert flat_head[v]["mixed"] == pytest.approx(flat_head["base"], abs=1e-5)
+
+
+def test_step_variant_and_how_often_the_policy_writes_the_step():
+    """--variants step: where the context asks for a sum, the teacher's units step (own thought
+    elsewhere) equals nll_scores with those thoughts, restricted to the marked tokens; the share of
+    own thoughts that write the step is counted over the marked tokens that have one."""
+    from qstar_ds.teacher import SUM_RESULTS, context_steps, teacher_thoughts
+    model, tok = make_model("llama", dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    docs = [f"Compute {a} + {b}. We have {a} + {b} = {a + b}. Then more text follows here."
+            for a, b in torch.randint(2, 99, (6, 2), generator=g).tolist()]
+    rows = [tok(d)["input_ids"][:48] for d in docs]
+    ids = torch.tensor([r + [tok.pad_token_id] * (48 - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (48 - len(r)) for r in rows])
+    cfg = ThoughtConfig(thought_len=6, n_thoughts=1, talk_len=2, temperature=1.0)
+    got = score_model(model, tok, cfg, ids, mask, SUM_RESULTS, None, seed=2, batch=3, log=lambda s: None,
+                      variants=("step", "other_step"))
+    own = nll_scores(model, cfg, ids, mask, 3, 2, read=True)
+    where = focus_positions(token_focus(ids, tok, SUM_RESULTS), own["anchor"], own["valid"])
+    fill = tok.encode("...", add_special_tokens=False)[0]
+    step, on = teacher_thoughts(ids, mask, own["anchor"], tok, 6, fill)
+    assert got["tokens"] == int(where.sum()) > 0 and got["step_tokens"] == int((where & on).sum()) == got["tokens"]
+    scored = nll_scores(model, cfg, ids, mask, 3, 2, thoughts=torch.where(on[..., None], step, own["thoughts"]),
+                        read=True)
+    for key in ("mixed", "read"):
+        want = [float((-scored[key][d][where[d]]).mean()) if where[d].any() else None for d in range(len(rows))]
+        assert got["step"][key] == pytest.approx(want, rel=1e-6)
+    assert got["step"]["mixed"] != got["own"]["mixed"]
+    # other_step: each sum's positions get the own thoughts of the previous sum (by offset, clamped)
+    from oracle_thought_probe import other_sum_thoughts
+    th = own["thoughts"]
+    other = other_sum_thoughts(th, ids, mask, own["anchor"], tok)
+    assert torch.equal(other[~on], th[~on]) and not torch.equal(other[on], th[on])
+    spans = []                                    # (sequence, [positions]) of each sum, in order
+    for d in range(len(rows)):
+        for p in on[d].nonzero()[:, 0].tolist():
+            if spans and spans[-1][0] == d and spans[-1][1][-1] == p - 1:
+                spans[-1][1].append(p)
+            else:
+                spans.append((d, [p]))
+    for g, (d, ps) in enumerate(spans):
+        sd, sps = spans[g - 1]
+        for j, p in enumerate(ps):
+            assert torch.equal(other[d, p], th[sd, sps[min(j, len(sps) - 1)]])
+    scored = nll_scores(model, cfg, ids, mask, 3, 2, thoughts=other, read=True)
+    want = [float((-scored["mixed"][d][where[d]]).mean()) if where[d].any() else None for d in range(len(rows))]
+    assert got["other_step"]["mixed"] == pytest.approx(want, rel=1e-6)
+    wrote = []
+    for d in range(len(rows)):
+        steps = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
+        hits = [tok.decode(own["thoughts"][d, p].tolist()).replace(" ", "").startswith(steps[int(own["anchor"][d, p])])
+                for p in where[d].nonzero()[:, 0].tolist()]
+        wrote.append(sum(hits) / len(hits) if hits else None)
+    assert got["own_writes_step"] == pytest.approx(wrote)
+    s = summarize([got])
+    assert s["step_tokens"] == got["step_tokens"] and "step" in s and "mixed_minus_own" in s["step"]
+    with pytest.raises(Exception, match="thought_len=3"):
+        score_model(model, tok, ThoughtConfig(thought_len=3, n_thoughts=1, talk_len=2), ids, mask, SUM_RESULTS, None,
+                    seed=2, batch=3, log=lambda s: None, variants=("step",))
 
 
 def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
@@ -101,7 +161,7 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pooled over 2 models" in r.stdout and "wrong - truth" in r.stdout
     d = json.loads(out.read_text())
-    assert set(VARIANTS) <= set(d["summary"]) and len(d["per_model"]) == 2
+    assert {"own", *DEFAULT_VARIANTS} <= set(d["summary"]) and "step" not in d["summary"] and len(d["per_model"]) == 2
     r = subprocess.run([sys.executable, PROBE, "--model", "tiny-llama", "--data", str(text), "--seq_len", "24",
                         "--sequences", "3", "--variants", "truth", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -226,3 +226,63 @@ def test_oracle_thoughts_against_a_loop():
                 want = [int(ids[b, j]) if on and j < n and mask[b, j] else fill for j in range(i + 1, i + 1 + t)]
                 assert got[b, m].tolist() == want, (b, m, mk is None)
     assert (oracle_thoughts(ids, mask, anchor, marked, t, fill) != fill).any()
+
+
+@pytest.mark.parametrize("noise", ["counter", "generator"])
+def test_partial_thoughts_sample_where_negative_and_feed_the_rest(noise):
+    """rollout(partial=True): the streams whose fed entries are < 0 get exactly the thoughts a full
+    sampling draws (same seed), the others get the fed thought, and the talk log-probs equal a
+    rollout fed the combined thoughts."""
+    from qstar_ds.rollout import sequence_noise
+    model, tok = make_model("llama", dtype=torch.float32)
+    cfg = cfg_for(thought_len=3, n_thoughts=1)
+    x, am = random_batch(9, 2, len(tok) - 2, None)
+    g = (lambda: sequence_noise(1, 2, [3, 4], DEVICE)) if noise == "counter" else (lambda: gen(7))
+    full = rollout(model, cfg, x, am, generator=g())
+    fed = torch.randint(0, len(tok) - 2, full.thoughts.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    sample = torch.zeros(full.thoughts.shape[:2], dtype=torch.bool, device=DEVICE)
+    sample[0, ::2] = sample[1, 1::3] = True
+    part = rollout(model, cfg, x, am, generator=g(), thoughts=torch.where(sample[..., None], -1, fed), partial=True)
+    want = torch.where(sample[..., None], full.thoughts, fed)
+    assert_equal(part.thoughts, want, "partial thoughts")
+    assert not torch.equal(want, fed)
+    ref = rollout(model, cfg, x, am, generator=g(), thoughts=want)
+    assert_equal(part.talk_logp, ref.talk_logp, "talk log-probs")
+
+
+def test_teacher_thoughts_against_a_loop():
+    """teacher.teacher_thoughts: after anchor i whose decoded prefix x_0..x_i ends with
+    "a + b =", optionally " " and digits (a a whole number), the units step of a + b padded with the filler;
+    the filler thought elsewhere and on padding; sampled_where_asked puts -1 exactly there."""
+    import re
+
+    from qstar_ds.teacher import sampled_where_asked, teacher_thoughts
+    from qstar_ds.tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    texts = ["Compute 18 + 16. We have 18 + 16 = 34. Then 7 + 45 = 52 and 3.5 + 2 = 5.5, x + 4 = 9.",
+             "First 29 + 80 = 109, then 109 * 8 = 872. Also 120 + 5 = 125",
+             "no sums here at all, 4 - 3 = 1 and 2 * 2 = 4; 61 + 9 = 70"]
+    rows = [tok(s).input_ids for s in texts]
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    t, fill = 6, 5
+    anchor = torch.arange(n)[None].expand(3, -1)
+    th, on = teacher_thoughts(ids, mask, anchor, tok, t, fill)
+    rx = re.compile(r"(?:^|[^\d.])(\d+) \+ (\d+) =(?: \d*)?$")
+    steps = 0
+    for b, row in enumerate(rows):
+        for i in range(n):
+            m = rx.search(tok.decode(row[:i + 1])) if i < len(row) else None
+            want = [fill] * t
+            if m:
+                a, c = int(m.group(1)) % 10, int(m.group(2)) % 10
+                s = tok(f"{a}+{c}={a + c}", add_special_tokens=False).input_ids
+                want = s + [fill] * (t - len(s))
+                steps += 1
+            assert th[b, i].tolist() == want and bool(on[b, i]) == bool(m), (b, i, tok.decode(row[:i + 1]))
+    assert steps >= 12
+    part = sampled_where_asked(ids, mask, anchor, tok, t, fill)
+    assert ((part == -1).all(-1) == on).all() and (part[~on] == fill).all()
+    with pytest.raises(ValueError, match="thought_len=3"):
+        teacher_thoughts(ids, mask, anchor, tok, 3, fill)

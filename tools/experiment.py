@@ -31,7 +31,11 @@ do not depend on the temperature. Written to OUT/quiet_star_s<s>/content_T<T>[_k
 --arms ...,oracle adds the positive control (thought.mode=oracle; not a method, it sees the
 future): its thought is the text's own continuation before the tokens --focus marks (every
 position without --focus), the filler elsewhere; it says how much the same steps teach a model to
-gain from a thought that is right, and that these comparisons would show it.
+gain from a thought that is right, and that these comparisons would show it. --arms ...,teacher
+adds the policy diagnostic (thought.mode=teacher, qstar_ds/teacher.py): the policy is taught a
+units step where the context asks for a sum and evaluated on the thoughts it writes itself.
+--lead ARM (default quiet_star): the arm that the comparisons, the content check and the
+rescoring below are about, e.g. --arms teacher,filler,off --lead teacher.
 
 --focus REGEX: also score every run's final checkpoint (all arms) with the held-out tokens split
 by whether their text overlaps a match of REGEX (evaluate.py --nll_focus), e.g. '(?<== )-?\\d+'
@@ -65,7 +69,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ARMS = ("quiet_star", "filler", "off")
-OPTIONAL_ARMS = ("oracle",)
+OPTIONAL_ARMS = ("oracle", "teacher")
+LEAD = "quiet_star"
+"""The arm the comparisons, the content check and the rescoring are about (--lead)."""
 
 
 def final_eval(run_dir: str, steps: int) -> dict | None:
@@ -148,7 +154,7 @@ def content_check(args, seed: int, ev: dict, temperature: float | None = None, s
     (default: the run's evaluation temperature), `samples` per position averaged; done once
     (content.json, content_T<T>.json, content_T<T>_k<samples>.json)."""
     name = "content" if temperature is None else f"content_T{temperature:g}" + (f"_k{samples}" if samples > 1 else "")
-    return scored(args, "quiet_star", seed, ev, name, ["--nll_shuffled_thoughts", "--nll_thought_samples",
+    return scored(args, LEAD, seed, ev, name, ["--nll_shuffled_thoughts", "--nll_thought_samples",
                                                         str(samples)], temperature, "content check")
 
 
@@ -157,7 +163,7 @@ def focus_check(args, arm: str, seed: int, ev: dict, pattern: str) -> dict | Non
     (evaluate.py --nll_focus; quiet_star also with another sequence's thoughts): its focus
     summary, or None without a checkpoint. OUT/<arm>_s<seed>/focus_<hash of pattern>.json."""
     name = "focus_" + hashlib.sha1(pattern.encode()).hexdigest()[:10]
-    flags = ["--nll_focus", pattern] + (["--nll_shuffled_thoughts"] if arm == "quiet_star" else [])
+    flags = ["--nll_focus", pattern] + (["--nll_shuffled_thoughts"] if arm == LEAD else [])
     check = scored(args, arm, seed, ev, name, flags, what=f"scoring on {pattern!r}")
     return None if check is None else check["focus"]
 
@@ -177,20 +183,20 @@ def focus_summary(focus: dict, arms: list[str], seeds: list[int]) -> dict:
                                                                        "gain_outside_ci95", "gain_focus_minus_outside",
                                                                        "gain_focus_minus_outside_ci95")}
                           for a in arms for s in seeds if (a, s) in focus}}
-    if "quiet_star" not in arms:
+    if LEAD not in arms:
         return out
     for key, tag in (("sequence_nll_thoughts", "compare"), ("sequence_nll_base", "compare_base")):
         res = {}
-        for ctrl in [a for a in arms if a != "quiet_star"]:
-            per_seed = {s: paired(focus[("quiet_star", s)][key], focus[(ctrl, s)][key]) for s in seeds
-                        if ("quiet_star", s) in focus and (ctrl, s) in focus}
+        for ctrl in [a for a in arms if a != LEAD]:
+            per_seed = {s: paired(focus[(LEAD, s)][key], focus[(ctrl, s)][key]) for s in seeds
+                        if (LEAD, s) in focus and (ctrl, s) in focus}
             pooled = [x for d in per_seed.values() for x in d]
             if len(pooled) >= 2:
                 res[ctrl] = {"pooled": mean_ci(pooled), "n": len(pooled),
                              "per_seed": {str(s): mean_ci(d) for s, d in per_seed.items() if d}}
         out[tag] = res
-    pooled = [x for s in seeds if ("quiet_star", s) in focus
-              for x in focus[("quiet_star", s)].get("content_gain_sequences", []) if x is not None]
+    pooled = [x for s in seeds if (LEAD, s) in focus
+              for x in focus[(LEAD, s)].get("content_gain_sequences", []) if x is not None]
     if len(pooled) >= 2:
         out["content"] = {"pooled": mean_ci(pooled), "n": len(pooled)}
     return out
@@ -209,12 +215,12 @@ def focus_lines(pattern: str, fs: dict) -> list[str]:
     for tag, what in (("compare", "with thoughts (off: plain)"), ("compare_base", "without thoughts")):
         for ctrl, c in fs.get(tag, {}).items():
             m, lo, hi = c["pooled"]
-            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
-            lines.append(f"  quiet_star - {ctrl}, {what}, on them: {m:+.4f} nats/token [{lo:+.4f}, {hi:+.4f}] over "
+            verdict = f"{LEAD} better" if hi < 0 else (f"{LEAD} worse" if lo > 0 else "no significant difference")
+            lines.append(f"  {LEAD} - {ctrl}, {what}, on them: {m:+.4f} nats/token [{lo:+.4f}, {hi:+.4f}] over "
                          f"{c['n']} (seed, sequence) pairs: {verdict}")
     if "content" in fs:
         m, lo, hi = fs["content"]["pooled"]
-        lines.append(f"  quiet_star, own thoughts against another sequence's, on them: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+        lines.append(f"  {LEAD}, own thoughts against another sequence's, on them: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                      f"over {fs['content']['n']} pairs")
     return lines
 
@@ -224,7 +230,7 @@ def rescored(evs: dict, checks: dict) -> dict:
     rescoring (`checks`: seed -> evaluate.py's nll result at another temperature)."""
     out = dict(evs)
     for s, c in checks.items():
-        out[("quiet_star", s)] = {**evs[("quiet_star", s)], BEST: c[BEST], BEST_REST: c[BEST_REST]}
+        out[(LEAD, s)] = {**evs[(LEAD, s)], BEST: c[BEST], BEST_REST: c[BEST_REST]}
     return out
 
 
@@ -243,7 +249,7 @@ def content_lines(c: dict) -> list[str]:
     m, lo, hi = c["pooled"]
     verdict = ("its own thoughts predict better: it uses what it thought" if lo > 0 else
                "another sequence's thoughts predict better" if hi < 0 else "no significant difference")
-    out = [f"quiet_star with its own thoughts vs another held-out sequence's (NLL theirs - own): {m:+.4f} nats/token, "
+    out = [f"{LEAD} with its own thoughts vs another held-out sequence's (NLL theirs - own): {m:+.4f} nats/token, "
            f"95% CI [{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}"]
     for s, v in c["per_seed"].items():
         r = c["rest_per_seed"][s]
@@ -276,14 +282,14 @@ def compare(evs: dict, arms: list[str], seeds: list[int], key: str = BEST) -> di
     """quiet_star's NLL with thoughts minus each control's, paired by held-out sequence (none
     where some run's evaluation lacks `key`: written before it existed)."""
     out = {}
-    if "quiet_star" not in arms or any(key not in ev for ev in evs.values()):
+    if LEAD not in arms or any(key not in ev for ev in evs.values()):
         return out
-    for ctrl in [a for a in arms if a != "quiet_star"]:
+    for ctrl in [a for a in arms if a != LEAD]:
         pooled, per_seed = [], {}
         for s in seeds:
-            q, c = best_nll(evs[("quiet_star", s)], key), best_nll(evs[(ctrl, s)], key)
+            q, c = best_nll(evs[(LEAD, s)], key), best_nll(evs[(ctrl, s)], key)
             if len(q) != len(c):
-                raise SystemExit(f"[experiment] seed {s}: quiet_star and {ctrl} were evaluated on different "
+                raise SystemExit(f"[experiment] seed {s}: {LEAD} and {ctrl} were evaluated on different "
                                  f"held-out sets ({len(q)} vs {len(c)} sequences)")
             d = [a - b for a, b in zip(q, c)]
             per_seed[s] = mean_ci(d)
@@ -297,9 +303,9 @@ def compare_lines(cmp: dict, cmp_rest: dict, note: str = "") -> list[str]:
     for what, res in (("", cmp), (", without each sequence's first scored token", cmp_rest)):
         for ctrl, c in res.items():
             m, lo, hi = c["pooled"]
-            verdict = "quiet_star better" if hi < 0 else ("quiet_star worse" if lo > 0 else "no significant difference")
+            verdict = f"{LEAD} better" if hi < 0 else (f"{LEAD} worse" if lo > 0 else "no significant difference")
             seeds_txt = ", ".join(f"seed {s}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for s, v in c["per_seed"].items())
-            lines.append(f"quiet_star (with thoughts{note}) - {ctrl} (best){what}: {m:+.4f} nats/token, 95% CI "
+            lines.append(f"{LEAD} (with thoughts{note}) - {ctrl} (best){what}: {m:+.4f} nats/token, 95% CI "
                          f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} (seed, sequence) pairs: {verdict}  ({seeds_txt})")
     return lines
 
@@ -313,8 +319,8 @@ def base_lines(cmp_base: dict) -> list[str]:
     lines = []
     for ctrl, c in cmp_base.items():
         m, lo, hi = c["pooled"]
-        verdict = "quiet_star's better" if hi < 0 else ("quiet_star's worse" if lo > 0 else "no significant difference")
-        lines.append(f"quiet_star without thoughts - {ctrl} without thoughts: {m:+.4f} nats/token, 95% CI "
+        verdict = f"{LEAD}'s better" if hi < 0 else (f"{LEAD}'s worse" if lo > 0 else "no significant difference")
+        lines.append(f"{LEAD} without thoughts - {ctrl} without thoughts: {m:+.4f} nats/token, 95% CI "
                      f"[{lo:+.4f}, {hi:+.4f}] over {c['n']} pairs: {verdict} (the base models)")
     return lines
 
@@ -373,7 +379,7 @@ def plot(args, arms: list[str], seeds: list[int], evs: dict, cmp: dict, path: st
             c.bar(x, y, yerr=e, color="C0" if y < 0 else "C3", capsize=4, hatch="//" if x >= n_plain else None)
         c.axhline(0, color="k", lw=0.8)
         c.set_xticks(xs, labels, fontsize=7)
-        c.set_title("quiet_star NLL minus control NLL (< 0: quiet_star better), 95% CI", fontsize=10)
+        c.set_title(f"{LEAD} NLL minus control NLL (< 0: {LEAD} better), 95% CI", fontsize=10)
     else:
         xs = list(range(len(arms)))
         stats = [mean_ci([x for s in seeds for x in best_nll(evs[(arm, s)])]) for arm in arms]
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--lead", default="quiet_star", help="the arm compared with the others, content-checked and "
+                                                         "rescored (e.g. teacher)")
     ap.add_argument("--save_every", type=int, default=10)
     ap.add_argument("--slices", type=int, default=0, help="GSM8K and CSQA items scored at the end of every run, "
                                                           "with and without thoughts (0 = none)")
@@ -419,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS + OPTIONAL_ARMS]
+    if args.lead not in ("quiet_star", "oracle", "teacher"):
+        bad.append(f"--lead={args.lead!r} (one of quiet_star, oracle, teacher)")
+    global LEAD
+    LEAD = args.lead
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -447,23 +459,23 @@ def main(argv: list[str] | None = None) -> int:
     cmp_base = compare(evs, arms, seeds, BASE)
     text = "\n".join([table(evs, arms, seeds, cmp, cmp_rest)] + base_lines(cmp_base))
     content = None
-    if "quiet_star" in arms and not args.no_content_check:
-        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)])) is not None}
+    if LEAD in arms and not args.no_content_check:
+        checks = {s: c for s in seeds if (c := content_check(args, s, evs[(LEAD, s)])) is not None}
         if checks:
             content = content_summary(checks)
             text += "\n" + "\n".join(content_lines(content))
     rescore = None
-    if "quiet_star" in arms and args.rescore_temperature is not None:
+    if LEAD in arms and args.rescore_temperature is not None:
         T = args.rescore_temperature
         K = args.rescore_samples
-        checks = {s: c for s in seeds if (c := content_check(args, s, evs[("quiet_star", s)], T, K)) is not None}
+        checks = {s: c for s in seeds if (c := content_check(args, s, evs[(LEAD, s)], T, K)) is not None}
         if checks:
             again = rescored(evs, checks)
             rs = {"temperature": T, "samples": K, "compare": compare(again, arms, list(checks), BEST),
                   "compare_rest": compare(again, arms, list(checks), BEST_REST), "content": content_summary(checks),
                   "nll_thoughts": {s: c["nll_mixed"] for s, c in checks.items()}}
             each = f", {K} per position, mixed predictions averaged" if K > 1 else ""
-            text += (f"\n\nquiet_star rescored with thoughts sampled at temperature {T:g}{each} (evaluate.py; the "
+            text += (f"\n\n{LEAD} rescored with thoughts sampled at temperature {T:g}{each} (evaluate.py; the "
                      f"controls do not sample): NLL with thoughts " + ", ".join(f"seed {s} {v:.4f}" for s, v in
                                                                      rs["nll_thoughts"].items()) + "\n" +
                      "\n".join(compare_lines(rs["compare"], rs["compare_rest"], f", T {T:g}" + (f", {K} averaged" if K > 1 else "")) +

@@ -18,17 +18,18 @@ import torch  # noqa: E402
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> str:
-    from qstar_ds.loading import model_from_checkpoint, trained_filler_id, trained_oracle
+    from qstar_ds.loading import model_from_checkpoint, trained_filler_id, trained_oracle, trained_teacher
     model, tok, meta, _ = model_from_checkpoint(checkpoint)
     model.to(getattr(torch, dtype or "float32"))
     sig = meta["signature"]
     filler = trained_filler_id(meta, tok)
-    oracle = trained_oracle(meta, tok)
+    oracle, teacher = trained_oracle(meta, tok), trained_teacher(meta, tok)
     talk_positions = meta.get("config", {}).get("thought", {}).get("talk_positions", "after_thought")
     model.save_pretrained(out_dir, tokenizer=tok, extra={k: sig[k] for k in ("thought_len", "talk_len") if k in sig}
                           | {"talk_positions": talk_positions}
                           | {"step": meta.get("step")} | ({"filler_id": filler} if filler is not None else {})
-                          | ({"oracle_filler_id": oracle[0], "oracle_focus": oracle[1]} if oracle is not None else {}))
+                          | ({"oracle_filler_id": oracle[0], "oracle_focus": oracle[1]} if oracle is not None else {})
+                          | ({"teacher_filler_id": teacher} if teacher is not None else {}))
     return out_dir
 
 

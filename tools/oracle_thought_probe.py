@@ -18,11 +18,20 @@ marks (default: the results after "= " of the built-in corpus), and scores that 
   truth    the text's own next thought_len tokens x_{i+1..}: the best a thought could say
   wrong    truth with every digit of the marked run that starts at x_{i+1} changed (each to
            another digit, seeded): the same form, the wrong number
+  step     where the context asks for a sum ("a + b = " and digits so far), the units step
+           thought.mode=teacher teaches ("8+6=14" for 18 + 16; qstar_ds/teacher.py); the own
+           thought elsewhere. With --focus qstar_ds.teacher.SUM_RESULTS, every scored token has one
+  other_step  where the context asks for a sum, the model's own thought at the same digit of the
+           previous sum in the held-out text (cyclic): a step it wrote, for other numbers. Own
+           against other_step is the content check of a model trained with thought.mode=teacher
+           (`other` gives it mostly the filler: another sequence seldom has a sum just there)
 
 Per variant, on the marked tokens: the NLL of the mixed prediction (what the model predicts),
 of the post-thought state alone (the reader: does it copy from the thought?) and the mean
 mixing weight; the paired differences to `own`; before the first digit of a marked number, the
-share of own thoughts whose first digit is it (the policy's accuracy) and of the base model's argmax. Several --model checkpoints are scored one after
+share of own thoughts whose first digit is it (the policy's accuracy) and of the base model's
+argmax; where a scored token has a step, the share of own thoughts that write it. Several
+--model checkpoints are scored one after
 another and pooled (per-sequence values, 95% CI over (model, sequence)). A checkpoint is scored on
 its run's held-out sequences (evaluate.py --nll_heldout) with the run's evaluation temperature,
 talk length and seed, as tools/experiment.py's --focus scoring does; --data scores a text file.
@@ -48,8 +57,12 @@ from qstar_ds.layout import Layout  # noqa: E402
 from qstar_ds.loading import add_model_args, load_from_args  # noqa: E402
 from qstar_ds.model import filler_token_id  # noqa: E402
 from qstar_ds.rollout import oracle_thoughts  # noqa: E402
+from qstar_ds.teacher import context_steps, teacher_thoughts  # noqa: E402
 
-VARIANTS = ("own", "other", "filler", "truth", "wrong")
+VARIANTS = ("own", "other", "filler", "truth", "wrong", "step", "other_step")
+DEFAULT_VARIANTS = VARIANTS[1:5]
+"""Scored besides own unless --variants says otherwise (step only on request: it needs a
+thought_len that holds a step)."""
 DEFAULT_FOCUS = r"(?<== )-?\d+"
 
 
@@ -113,6 +126,51 @@ def states_next_digit(thoughts: torch.Tensor, nxt: torch.Tensor, where: torch.Te
     return said, digit
 
 
+def writes_step(thoughts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor,
+                where: torch.Tensor, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, P, t) own thoughts -> (wrote, has), (D, P) bool each: `has`, the position (where `where`)
+    has a teacher step; `wrote`, the thought's text, spaces removed, starts with it."""
+    wrote, has = torch.zeros_like(where), torch.zeros_like(where)
+    for d in range(ids.shape[0]):
+        if not where[d].any():
+            continue
+        steps = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
+        for p in where[d].nonzero()[:, 0].tolist():
+            step = steps[int(anchor[d, p])]
+            if step is not None:
+                has[d, p] = True
+                wrote[d, p] = tok.decode(thoughts[d, p].tolist()).replace(" ", "").startswith(step)
+    return wrote, has
+
+
+def other_sum_thoughts(thoughts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor,
+                       tok) -> torch.Tensor:
+    """(D, P, t) own thoughts -> the same, where the context asks for a sum, replaced by the own
+    thought at the same offset (clamped) of the previous sum (a run of consecutive positions with
+    a step; cyclic over the sequences in order). Raises TaskError with fewer than 2 sums."""
+    groups: list[list[tuple[int, int]]] = []
+    for d in range(ids.shape[0]):
+        steps = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
+        last = None
+        for p, i in enumerate(anchor[d].tolist()):
+            if steps[i] is None:
+                last = None
+                continue
+            if last is None or i != last + 1:
+                groups.append([])
+            groups[-1].append((d, p))
+            last = i
+    if len(groups) < 2:
+        raise TaskError(f"--variants other_step: the text has {len(groups)} sum(s); it needs at least 2")
+    out = thoughts.clone()
+    for g, group in enumerate(groups):
+        src = groups[g - 1]
+        for j, (d, p) in enumerate(group):
+            sd, sp = src[min(j, len(src) - 1)]
+            out[d, p] = thoughts[sd, sp]
+    return out
+
+
 def per_sequence(values: torch.Tensor, where: torch.Tensor) -> list:
     """(D, P) values, (D, P) bool -> each sequence's mean over `where` (None: no such position)."""
     w = where.double()
@@ -120,7 +178,7 @@ def per_sequence(values: torch.Tensor, where: torch.Tensor) -> list:
 
 
 def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_id: int | None, seed: int,
-                batch: int, log=print, variants=VARIANTS) -> dict:
+                batch: int, log=print, variants=DEFAULT_VARIANTS) -> dict:
     """Every variant's scores on the positions whose next token `pattern` marks -> per-sequence
     lists (None where a sequence has no marked token) and counts, for `own` and `variants`. ids,
     mask (D, n) on the CPU."""
@@ -138,6 +196,14 @@ def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_
     thoughts = {"other": own["thoughts"].roll(1, dims=0), "filler": torch.full_like(truth, fill), "truth": truth,
                 "wrong": wrong_thoughts(truth, marked_runs(in_focus, anchor, cfg.thought_len), digit_ids,
                                         torch.Generator().manual_seed(seed))}
+    if "step" in variants:
+        try:
+            step, on = teacher_thoughts(ids, mask, anchor, tok, cfg.thought_len, fill)
+        except ValueError as e:
+            raise TaskError(f"--variants step: {e}") from None
+        thoughts["step"] = torch.where(on[..., None], step, own["thoughts"])
+    if "other_step" in variants:
+        thoughts["other_step"] = other_sum_thoughts(own["thoughts"], ids, mask, anchor, tok)
     scores = {"own": own}
     for name, th in thoughts.items():
         if name not in variants:
@@ -152,7 +218,9 @@ def score_model(model, tok, cfg: ThoughtConfig, ids, mask, pattern: str, filler_
     # a number's first digit: the token before it is not marked (mid-number, a thought that
     # restates the whole number would be scored against the wrong digit)
     first = digit & ~in_focus.gather(1, anchor.long().clamp(max=ids.shape[1] - 1))
-    out = {"tokens": int(where.sum()), "sequences": int(where.any(1).sum()),
+    wrote, has = writes_step(own["thoughts"], ids, mask, anchor, where, tok)
+    out = {"tokens": int(where.sum()), "sequences": int(where.any(1).sum()), "step_tokens": int(has.sum()),
+           "own_writes_step": per_sequence(wrote.double(), has),
            "own_says_digit": per_sequence(said.double(), first),
            "base_argmax_right": per_sequence(best.double(), first),
            "base": per_sequence(-own["base"], where)}
@@ -180,7 +248,10 @@ def summarize(per_model: list[dict]) -> dict:
 
     out = {"tokens": sum(m["tokens"] for m in per_model), "sequences": sum(m["sequences"] for m in per_model),
            "base": ci(cat(lambda m: m["base"])), "own_says_digit": ci(cat(lambda m: m["own_says_digit"])),
-           "base_argmax_right": ci(cat(lambda m: m["base_argmax_right"]))}
+           "base_argmax_right": ci(cat(lambda m: m["base_argmax_right"])),
+           "step_tokens": sum(m.get("step_tokens", 0) for m in per_model)}
+    if out["step_tokens"]:
+        out["own_writes_step"] = ci(cat(lambda m: m["own_writes_step"]))
     for v in [v for v in VARIANTS if v in per_model[0]]:
         r = {k: ci(cat(lambda m: m[v][k])) for k in ("mixed", "read", "w")}
         if v != "own":
@@ -202,10 +273,13 @@ def lines(s: dict) -> list[str]:
     out = [f"{s['tokens']} marked tokens in {s['sequences']} sequences; base NLL there {fmt(s['base'])}; "
            f"before a number's first digit, own thought's first digit is it {s['own_says_digit']['mean']:.1%}, "
            f"the base model's argmax is it {s['base_argmax_right']['mean']:.1%}",
-           f"{'thought':8s} {'mixed NLL':>26s} {'minus own':>28s} {'reader alone NLL':>26s} {'minus own':>28s} {'w':>7s}"]
+           *([f"{s['step_tokens']} of them have a units step (thought.mode=teacher); own thought writes it "
+              f"{s['own_writes_step']['mean']:.1%} [{s['own_writes_step']['ci95'][0]:.1%}, "
+              f"{s['own_writes_step']['ci95'][1]:.1%}]"] if s.get("step_tokens") else []),
+           f"{'thought':10s} {'mixed NLL':>26s} {'minus own':>28s} {'reader alone NLL':>26s} {'minus own':>28s} {'w':>7s}"]
     for v in [v for v in VARIANTS if v in s]:
         r = s[v]
-        out.append(f"{v:8s} {fmt(r['mixed']):>26s} {fmt(r['mixed_minus_own'], True) if v != 'own' else '':>28s} "
+        out.append(f"{v:10s} {fmt(r['mixed']):>26s} {fmt(r['mixed_minus_own'], True) if v != 'own' else '':>28s} "
                    f"{fmt(r['read']):>26s} {fmt(r['read_minus_own'], True) if v != 'own' else '':>28s} "
                    f"{r['w']['mean']:7.4f}")
     w = s.get("wrong_minus_truth")
@@ -227,8 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--talk_len", type=int, default=None, help="with --data: K (default: the run's or 4)")
     ap.add_argument("--temperature", type=float, default=None, help="thought temperature (default: the run's eval)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's data seed)")
-    ap.add_argument("--variants", default=",".join(VARIANTS[1:]),
-                    help="which thoughts to score besides own (comma-separated; default all)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"which thoughts to score besides own (comma-separated, of {','.join(VARIANTS[1:])}; "
+                         f"default {','.join(DEFAULT_VARIANTS)})")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the pooled summary and per-model lists as JSON")
     args = ap.parse_args(argv)
