@@ -119,13 +119,35 @@ def oracle_reference(x: torch.Tensor, tok, anchor: torch.Tensor, t: int, filler:
     return out
 
 
+def evaluate_scores_it_like_the_trainer(tmp_path, name: str, two: dict, thoughts: str, refusal: str,
+                                        extra: tuple | list = ()) -> None:
+    """evaluate.py --nll_heldout on run `name`'s checkpoint reports `thoughts` and gives the
+    trainer's final per-sequence NLLs with thoughts; a generation task with thoughts is refused in
+    one line that says `refusal`."""
+    import subprocess
+    import sys
+    record = json.loads((tmp_path / name / "eval" / "step_00000002.json").read_text())
+    out = tmp_path / "e.json"
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / name), "--tasks",
+                          "nll", "--nll_heldout", "--talk_len", str(two["eval"]["talk_len"]), "--batch_size", "1",
+                          *extra, "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())["nll"]
+    assert got["thoughts"] == thoughts
+    assert got["sequence_nll_thoughts"] == pytest.approx(record["sequence_nll_thoughts"], rel=1e-5)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / name), "--tasks",
+                          "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2 and refusal in res.stderr and "Traceback" not in res.stderr
+
+
 def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_it(tmp_path):
     """thought.mode=oracle under 2-rank ZeRO-3: the streams carry the text's continuation after
     the positions whose next token is a digit and the filler elsewhere, the update equals the
     one-process learn pass on thoughts built by a loop (reward 0), and evaluate.py scores the
     checkpoint with the same thoughts as the trainer's own held-out evaluation."""
-    import subprocess
-    import sys
     two, cfg, model, tok, stream, filler, learn_calls = fixed_mode_run(
         tmp_path, "oracle", {"thought.mode": "oracle", "thought.oracle_focus": r"\d", "thought.filler": " ...",
                              "eval.sequences": 4, "eval.batch_size": 2, "train.save_every": 2})
@@ -141,21 +163,7 @@ def test_oracle_mode_feeds_the_truth_where_marked_and_equals_the_learn_pass_on_i
     ref = fixed_thought_reference(cfg, model, stream, lambda x, anchor: oracle_reference(x, tok, anchor, t, filler, r"\d"))
     assert_same_update(two["init"], two["final"], ref)
     assert two["metrics"]["loss_reinforce"] == 0
-    record = json.loads((tmp_path / "oracle" / "eval" / "step_00000002.json").read_text())
-    out = tmp_path / "e.json"
-    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "oracle"), "--tasks",
-                          "nll", "--nll_heldout", "--talk_len", str(two["eval"]["talk_len"]), "--batch_size", "1",
-                          "--output", str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(out.read_text())["nll"]
-    assert got["thoughts"] == "oracle"
-    assert got["sequence_nll_thoughts"] == pytest.approx(record["sequence_nll_thoughts"], rel=1e-5)
-    gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
-    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "oracle"), "--tasks",
-                          "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 2 and "oracle thoughts" in res.stderr and "Traceback" not in res.stderr
+    evaluate_scores_it_like_the_trainer(tmp_path, "oracle", two, "oracle", "oracle thoughts")
 
 
 def test_teacher_mode_feeds_the_step_rewards_it_and_equals_the_learn_pass_on_it(tmp_path):
@@ -164,9 +172,6 @@ def test_teacher_mode_feeds_the_step_rewards_it_and_equals_the_learn_pass_on_it(
     thoughts with reward 1 on the steps (the REINFORCE term is their NLL), the trainer's held-out
     evaluation samples only there, and evaluate.py scores the checkpoint the same way (greedy
     thoughts, so that both draw the same) and refuses generation tasks with thoughts, one line."""
-    import subprocess
-    import sys
-
     from qstar_ds.teacher import teacher_thoughts
     over = {"thought.mode": "teacher", "thought.thought_len": 6, "thought.filler": " ...", "eval.sequences": 4,
             "eval.batch_size": 2, "eval.temperature": 1e-6, "train.save_every": 2, "data.seq_len": 64}
@@ -190,22 +195,8 @@ def test_teacher_mode_feeds_the_step_rewards_it_and_equals_the_learn_pass_on_it(
         return teacher_thoughts(x, torch.ones_like(x), anchor, tok, t, filler)[1].float()
     ref = fixed_thought_reference(cfg, model, stream, thoughts_of, rewards_of)
     assert_same_update(two["init"], two["final"], ref)
-    record = json.loads((tmp_path / "teacher" / "eval" / "step_00000002.json").read_text())
-    out = tmp_path / "e.json"
-    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "teacher"), "--tasks",
-                          "nll", "--nll_heldout", "--talk_len", str(two["eval"]["talk_len"]), "--batch_size", "1",
-                          "--thought_temperature", "1e-6", "--output", str(out)], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(out.read_text())["nll"]
-    assert got["thoughts"] == "sampled where the context asks for a sum"
-    assert got["sequence_nll_thoughts"] == pytest.approx(record["sequence_nll_thoughts"], rel=1e-5)
-    gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
-    res = subprocess.run([sys.executable, "-m", "qstar_ds.evaluate", "--model", str(tmp_path / "teacher"), "--tasks",
-                          "gsm8k", "--data", f"gsm8k={gsm}", "--output", str(out)], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 2 and "teacher thoughts" in res.stderr and "Traceback" not in res.stderr
+    evaluate_scores_it_like_the_trainer(tmp_path, "teacher", two, "sampled where the context asks for a sum",
+                                        "teacher thoughts", ["--thought_temperature", "1e-6"])
 
 
 def test_heldout_eval_does_not_depend_on_the_rank_count(tmp_path):
