@@ -50,7 +50,7 @@ class ThoughtConfig:
     elsewhere (no rollout, no REINFORCE): how much a model learns to gain from a thought that says
     the right thing, in the same steps, and whether the instruments show it.
     teacher: a diagnostic of the policy, never a method (qstar_ds/teacher.py): where the context
-    ends with "a + b = " and digits of the result, the thought fed in training is the units step
+    ends with "a + b =" (and the result's digits so far), the thought fed in training is the units step
     "u+v=s" and it is the policy's target (reward 1: the REINFORCE term is its NLL, weight beta);
     the filler thought elsewhere; held-out evaluation samples the model's own thought there: what
     thoughts are worth when the policy has been taught to write a step that computes."""

@@ -3,9 +3,9 @@
 A diagnostic of the policy, never the method: would thoughts help this model if its policy wrote
 a step that computes? Where the text before and at x_i ends with a sum of two whole numbers and
 its result so far ("a + b =", then optionally " " and the digits written so far: decidable from
-the context alone, no future), the thought after x_i is the units step "u+v=s" (u, v the units digits of a and b, s
-their sum: the result's last digit and the carry), padded with the filler token; elsewhere the
-filler thought. In training the step is fed as the thought (the reader and mixing head learn to
+the context alone, no future), the thought after x_i is the units step "u+v=s" (u, v the units
+digits of a and b, s their sum: the result's last digit and the carry), padded with the filler
+token; elsewhere the filler thought. In training the step is fed as the thought (the reader and mixing head learn to
 read it) and its tokens are the policy's targets (reward 1: the REINFORCE term becomes the step's
 NLL after <|startofthought|>); in evaluation the model samples its own thought where the context
 asks for a sum, so what is measured is what its own steps are worth.
