@@ -84,3 +84,20 @@ def sampled_where_asked(ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Ten
 def check_fits(tokenizer, t: int) -> None:
     """Raise ValueError naming thought.thought_len when the longest step does not fit."""
     step_ids(tokenizer, LONGEST_STEP, t)
+
+
+def writes_step(thoughts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor,
+                where: torch.Tensor, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, P, t) own thoughts -> (wrote, has), (D, P) bool each: `has`, the position (where `where`)
+    has a teacher step; `wrote`, the thought's text, spaces removed, starts with it."""
+    wrote, has = torch.zeros_like(where), torch.zeros_like(where)
+    for d in range(ids.shape[0]):
+        if not where[d].any():
+            continue
+        steps = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
+        for p in where[d].nonzero()[:, 0].tolist():
+            step = steps[int(anchor[d, p])]
+            if step is not None:
+                has[d, p] = True
+                wrote[d, p] = tok.decode(thoughts[d, p].tolist()).replace(" ", "").startswith(step)
+    return wrote, has

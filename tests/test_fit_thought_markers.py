@@ -1,6 +1,7 @@
 """tools/fit_thought_markers.py and model.thought_init_file: the loss it fits against the learn
 pass's thought log-probs, what it changes, the documents it reads, the file it writes, and the
 trainer starting from that file (bad files: one clear line)."""
+import dataclasses
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from helpers import ROOT, run_worker
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from fit_thought_markers import TrainingSideStream, continuation, fit, main, policy_nll  # noqa: E402
+from fit_thought_markers import TrainingSideStream, continuation, evaluate, fit, main, policy_nll  # noqa: E402
 
 from qstar_ds.config import ConfigError, ModelConfig, ThoughtConfig  # noqa: E402
 from qstar_ds.data import DataError, SequenceStream, is_heldout  # noqa: E402
@@ -20,6 +21,7 @@ from qstar_ds.learn import learn_pass  # noqa: E402
 from qstar_ds.loading import load_model  # noqa: E402
 from qstar_ds.model import MARKER_KEY, read_marker_file, set_thought_embeds  # noqa: E402
 from qstar_ds.rollout import default_positions  # noqa: E402
+from qstar_ds.teacher import context_steps, sampled_where_asked, teacher_thoughts  # noqa: E402
 
 
 @pytest.fixture()
@@ -99,6 +101,119 @@ def test_fit_moves_only_the_markers_it_fits_and_lowers_the_loss(tiny, tmp_path, 
             assert torch.equal(p, before_params[n]), f"{n} must stay frozen"
 
 
+def sums(tok, k=4, n=40, seed=0):
+    """(k, n) ids and mask of documents with two-number sums (the last one shorter: padding)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [f"Compute {a} + {b}. We have {a} + {b} = {a + b}. Then {b} + {a} = {a + b} again."
+            for a, b in torch.randint(2, 99, (k, 2), generator=g).tolist()]
+    rows = [tok(d, add_special_tokens=False).input_ids[:n - 3 * (j == k - 1)] for j, d in enumerate(docs)]
+    ids = torch.tensor([r + [tok.eos_token_id] * (n - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    return ids, mask
+
+
+def test_policy_nll_on_steps_is_the_learn_pass_thought_nll_of_the_teacher_thoughts(tiny):
+    """--target steps: the thought at a position whose context asks for a sum is the teacher's
+    (units step + filler, all t tokens targets); only those positions are scored."""
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=6, talk_len=2)
+    ids, mask = sums(tok)
+    fill = tok.encode("...", add_special_tokens=False)[0]
+    got = policy_nll(model, cfg, ids, mask, tok.eos_token_id, with_reader=True, steps=(tok, fill))
+    positions = default_positions(ids.shape[1], cfg.talk_len)
+    anchor = positions[None].expand(ids.shape[0], -1).contiguous()
+    thoughts, on = teacher_thoughts(ids, mask, anchor, tok, 6, fill)
+    assert on.sum() >= 12 and (~on).sum() > 0
+    with torch.no_grad():
+        ref = learn_pass(model, ThoughtConfig(n_thoughts=1, thought_len=6, talk_len=2, temperature=1.0, w_read=0.1),
+                         ids, mask, anchor, thoughts)
+    nll = -ref.thought_logp.double()                                                # (B, P, t)
+    assert got["count"] == int(on.sum())
+    assert float(got["loss"].detach()) == pytest.approx(float(nll[on].mean()), rel=1e-5)
+    assert float(got["first"]) == pytest.approx(float(nll[..., 0][on].mean()), rel=1e-5)
+    assert float(got["base"]) == pytest.approx(float(-ref.base_logp.double()[:, positions][on].mean()), rel=1e-5)
+    read = -ref.read_logp.double()
+    assert float(got["reader"].detach()) == pytest.approx(float(read[ref.valid & on].mean()), rel=1e-5)
+    plain = torch.randint(5, 30, ids.shape, generator=torch.Generator().manual_seed(1))   # no "+" anywhere
+    none = policy_nll(model, cfg, plain, mask, tok.eos_token_id, steps=(tok, fill))
+    assert none["count"] == 0 and torch.isnan(none["loss"])
+
+
+def test_evaluate_counts_the_own_thoughts_that_write_the_step(tiny):
+    """evaluate(steps=...)["writes"]: the own thought sampled where the context asks for a sum
+    (seed + the batch's first index), against nll_scores' thoughts and a decode loop."""
+    from qstar_ds.evaluate import nll_scores
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=6, talk_len=2)
+    ids, mask = sums(tok, k=6, seed=3)
+    fill = tok.encode("...", add_special_tokens=False)[0]
+    steps = (tok, fill)
+    # a fitted-looking policy: the step's first tokens get most of the mass for some sums
+    got = evaluate(model, cfg, ids, mask, tok.eos_token_id, 4, steps, temperature=1.0, seed=7)
+    positions = default_positions(ids.shape[1], cfg.talk_len)
+    anchor = positions[None].expand(ids.shape[0], -1)
+    asked = sampled_where_asked(ids, mask, anchor, tok, 6, fill)
+    own = nll_scores(model, dataclasses.replace(cfg, temperature=1.0), ids, mask, 4, 7, thoughts=asked, partial=True)
+    hits, total = 0, 0
+    for d in range(ids.shape[0]):
+        want = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
+        for p, i in enumerate(anchor[d].tolist()):
+            if want[i] is not None:
+                total += 1
+                hits += tok.decode(own["thoughts"][d, p].tolist()).replace(" ", "").startswith(want[i])
+    assert got["positions"] == total > 0 and got["writes"] == pytest.approx(hits / total)
+    # the count itself: a policy that writes every step (the teacher's thought fed where it
+    # samples) scores 1, one that writes another sum's step 0
+    import fit_thought_markers
+    real = fit_thought_markers.rollout
+
+    def feeding(shift):
+        def ro(model, cfg, x, m, positions, gen, thoughts=None, partial=False):
+            anc = positions[None].expand(x.shape[0], -1)
+            th, on = teacher_thoughts(x.roll(shift, 0), m.roll(shift, 0), anc, tok, 6, fill)
+            ok = on & on.roll(-shift, 0) if shift else on
+            return real(model, cfg, x, m, positions, gen, thoughts=torch.where(ok[..., None], th, fill))
+        return ro
+    for shift, want in ((0, 1.0), (1, 0.0)):
+        fit_thought_markers.rollout = feeding(shift)
+        try:
+            r = evaluate(model, cfg, ids, mask, tok.eos_token_id, 6, steps, temperature=1.0, seed=7)
+        finally:
+            fit_thought_markers.rollout = real
+        assert r["writes"] == want and r["positions"] == total
+
+
+@pytest.mark.parametrize("eot", [False, True])
+def test_fit_on_steps_lowers_the_step_nll_and_moves_only_the_markers(tiny, tmp_path, eot):
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = ThoughtConfig(n_thoughts=1, thought_len=6, talk_len=2)
+    src = tmp_path / "c.jsonl"
+    g = torch.Generator().manual_seed(5)
+    src.write_text("".join(json.dumps({"text": f"We have {a} + {b} = {a + b}. "}) + "\n"
+                           for a, b in torch.randint(2, 99, (200, 2), generator=g).tolist()))
+    fill = tok.encode("...", add_special_tokens=False)[0]
+    ids, mask = sums(tok, seed=9)
+    before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    def loss():
+        with torch.no_grad():
+            r = policy_nll(model, cfg, ids, mask, tok.eos_token_id, with_reader=True, steps=(tok, fill))
+        return float(r["loss"]), float(r["reader"])
+
+    before = loss()
+    losses = fit(model, cfg, SequenceStream(tok, str(src), 24), steps=30, batch=2, lr=0.3,
+                 pad=tok.eos_token_id, log=lambda s: None, eot=eot, targets=(tok, fill))
+    after = loss()
+    assert len(losses) == 30 and after[0] < before[0] - 0.05, (before, after)
+    if eot:
+        assert after[1] < before[1] - 0.05, (before, after)
+    for n, p in model.named_parameters():
+        if n == "thought_embedding.weight":
+            assert not torch.equal(p[0], before_params[n][0]), "<sot> must move"
+            assert torch.equal(p[1], before_params[n][1]) != eot, "<eot> moves only with eot"
+        else:
+            assert torch.equal(p, before_params[n]), f"{n} must stay frozen"
+
+
 def test_training_side_stream_skips_documents_any_seed_holds_out(tiny, tmp_path):
     tok = tiny.tokenizer
     docs = [f"document number {k} says {k * 7 % 13}" for k in range(120)]
@@ -142,6 +257,33 @@ def test_cli_writes_a_file_the_trainer_starts_from(tiny, tmp_path):
     # the trainer (one rank, ZeRO-3) starts both markers from the file
     two = run_worker(tmp_path, "from_file", 1, {"model.thought_init_file": str(out), "train.max_steps": 1})
     assert torch.equal(two["init"]["thought_embedding.weight"], w)
+
+
+def test_cli_target_steps_reports_how_often_the_step_is_written(tiny, tmp_path, capsys):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"We have {k} + {k + 7} = {2 * k + 7}. Next."}) + "\n"
+                           for k in range(300)))
+    out = tmp_path / "m.safetensors"
+    args = ["--model", "tiny-llama", "--data", str(src), "--seq_len", "24", "--thought_len", "6", "--talk_len", "2",
+            "--steps", "2", "--batch", "2", "--windows", "3", "--target", "steps", "--init=---"]
+    assert main(args + ["--out", str(out)]) == 0
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["qstar_ds"])
+    assert meta["target"] == "steps" and meta["temperature"] == 0.1 and meta["init"] == "---"
+    assert {"writes", "positions", "true", "first", "reader", "base"} <= set(meta["after"])
+    assert meta["after"]["positions"] > 0 and 0 <= meta["after"]["writes"] <= 1
+    assert "own thought writes the step" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(args + ["--thought_len", "3", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("fit_thought_markers")]
+    assert len(err) == 1 and "--thought_len=3" in err[0], err
+    plain = tmp_path / "p.jsonl"
+    plain.write_text("".join(json.dumps({"text": f"line {k} has no sum, only {k} - 1."}) + "\n" for k in range(300)))
+    assert main(["--model", "tiny-llama", "--data", str(plain), "--seq_len", "16", "--thought_len", "6",
+                 "--talk_len", "2", "--target", "steps", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("fit_thought_markers")]
+    assert len(err) == 1 and "no sum" in err[0] and str(plain) in err[0], err
 
 
 def test_bad_marker_files_are_one_clear_line(tiny, tmp_path):

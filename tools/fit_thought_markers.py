@@ -14,7 +14,14 @@ window fits, the training layout), i.e. a marker after which the model thinks th
 continuation as well as it can predict it. `--eot` fits <eot> as well, on the NLL of the talk
 targets from the state after the true continuation as a thought (the reader; added to the loss):
 a transparent <sot> alone makes the thought read like the text itself, after which the untrained
-model no longer repeats its first token. It reads only documents on the training side of every
+model no longer repeats its first token.
+
+`--target steps` fits to thought.mode=teacher's thoughts instead (qstar_ds/teacher.py): only at
+the positions whose context asks for a sum ("18 + 16 =", digits so far), the units step "8+6=14"
+padded with the filler, the target the teacher arm trains the whole model on. It asks whether
+the frozen model can be steered by one vector into writing the step (a policy that computes from
+step 0, at no cost to the shared weights), and reports how often its own thought (sampled at
+--temperature) writes the step on held-out windows before and after. It reads only documents on the training side of every
 seed in --data_seeds (the runs that will use the file never evaluate on them), and prints the
 policy's NLL of the true continuation on the held-out windows of the first seed before and after.
 Writes a .safetensors file with the (2, hidden) tensor `thought_embeds` and what made it
@@ -23,6 +30,7 @@ Writes a .safetensors file with the (2, hidden) tensor `thought_embeds` and what
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,10 +44,11 @@ from qstar_ds.config import ConfigError, DataConfig, EvalConfig, ThoughtConfig  
 from qstar_ds.data import DataError, SequenceStream, first_sequences, heldout_sequences, is_heldout  # noqa: E402
 from qstar_ds.layout import Layout  # noqa: E402
 from qstar_ds.learn import stream_ids  # noqa: E402
-from qstar_ds.model import MARKER_KEY  # noqa: E402
-from qstar_ds.rollout import default_positions  # noqa: E402
+from qstar_ds.model import MARKER_KEY, filler_token_id  # noqa: E402
+from qstar_ds.rollout import default_positions, rollout  # noqa: E402
 from qstar_ds.losses import stream_validity  # noqa: E402
 from qstar_ds.talk import logprobs, read_logprobs  # noqa: E402
+from qstar_ds.teacher import check_fits, sampled_where_asked, teacher_thoughts, writes_step  # noqa: E402
 
 
 class TrainingSideStream(SequenceStream):
@@ -65,18 +74,33 @@ def continuation(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
 
 
 def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor, pad: int,
-               with_reader: bool = False) -> dict:
+               with_reader: bool = False, steps=None) -> dict:
     """The policy's (temperature 1) NLL of the true continuation as the thought after every
     position whose talk window fits, in the training layout (learn.learn_pass's thought log-probs),
     and the base NLL of the next token. -> {"loss": mean NLL per real thought token (with grad),
-    "first": mean NLL of x_{i+1} as the first thought token, "base": mean base NLL of x_{i+1}};
-    `with_reader` adds "reader": the mean NLL of the K talk targets from the post-thought states
-    alone after that true thought (learn_pass's read log-probs; with grad) and "reader_first" (x_{i+1})."""
+    "first": mean NLL of x_{i+1} as the first thought token, "base": mean base NLL of x_{i+1},
+    "count": how many positions were scored}; `with_reader` adds "reader": the mean NLL of the K
+    talk targets from the post-thought states alone after that true thought (learn_pass's read
+    log-probs; with grad) and "reader_first" (x_{i+1}). `steps` = (tokenizer, filler id): the
+    thought is thought.mode=teacher's (the units step padded with the filler, all t tokens its
+    targets) and only the positions whose context asks for a sum are scored ("first": the step's
+    first token); with none in the batch, "count" is 0 and the rest NaN."""
     B, n = ids.shape
     positions = default_positions(n, cfg.talk_len, ids.device)
     anchor = positions[None].expand(B, -1).contiguous()                             # (B, P)
-    thoughts, real = continuation(ids, mask, positions, cfg.thought_len, pad)         # (B, P, t)
-    real = real & mask.bool()[:, positions, None]
+    if steps is None:
+        thoughts, real = continuation(ids, mask, positions, cfg.thought_len, pad)     # (B, P, t)
+        real = real & mask.bool()[:, positions, None]
+        scored = real[..., 0]                                                       # (B, P)
+    else:
+        thoughts, scored = teacher_thoughts(ids, mask, anchor, steps[0], cfg.thought_len, steps[1])
+        keep = scored.any(0)                  # streams only where some row asks for a sum (cheaper)
+        positions, anchor, thoughts, scored = positions[keep], anchor[:, keep], thoughts[:, keep], scored[:, keep]
+        real = scored[..., None].expand_as(thoughts)
+        if not keep.any():
+            nan = torch.tensor(float("nan"))
+            return {"loss": nan, "first": nan, "base": nan, "count": 0,
+                    **({"reader": nan, "reader_first": nan} if with_reader else {})}
     L = cfg.thought_len + cfg.talk_len + 1
     layout = Layout.packed(mask.bool(), anchor, L, backend=cfg.attention_backend, talk_at=cfg.talk_at)
     x = torch.cat([ids, stream_ids(ids, anchor, thoughts, model.sot_id, model.eot_id, cfg.talk_len).flatten(1)], 1)
@@ -84,51 +108,86 @@ def policy_nll(model, cfg: ThoughtConfig, ids: torch.Tensor, mask: torch.Tensor,
     h_st = h[:, n:].unflatten(1, (anchor.shape[1], L))                              # (B, P, L, H)
     nll = -logprobs(model, h_st[:, :, :cfg.thought_len], thoughts, 1.0, cfg.loss_chunk_tokens)  # (B, P, t)
     w = real.to(nll.dtype)
-    first = real[..., 0]
-    out = {"loss": (nll * w).sum() / w.sum().clamp(min=1), "first": nll[..., 0][first].mean().detach()}
+    out = {"loss": (nll * w).sum() / w.sum().clamp(min=1), "first": nll[..., 0][scored].mean().detach(),
+           "count": int(scored.sum())}
     if with_reader:
-        valid = stream_validity(mask.bool(), anchor, cfg.talk_len)                    # (B, P)
+        valid = stream_validity(mask.bool(), anchor, cfg.talk_len) & (scored if steps is not None else True)  # (B, P)
         read = -read_logprobs(model, h_st[:, :, cfg.thought_len + 1:], ids, anchor, cfg.loss_chunk_tokens)  # (B, P, K)
         out["reader"] = read[valid].mean()
         out["reader_first"] = read[..., 0][valid].mean().detach()
     with torch.no_grad():
         base = -logprobs(model, h[:, :n - 1], ids[:, 1:], 1.0, cfg.loss_chunk_tokens)   # (B, n-1)
-        out["base"] = base[:, positions][first].mean()
+        out["base"] = base[:, positions][scored].mean()
     return out
 
 
-def evaluate(model, cfg, ids, mask, pad, batch: int) -> dict:
-    """policy_nll over held-out windows in batches, without grad -> floats (token-weighted means)."""
+def evaluate(model, cfg, ids, mask, pad, batch: int, steps=None, temperature: float = 0.1, seed: int = 0) -> dict:
+    """policy_nll over held-out windows in batches, without grad -> floats (means weighted by the
+    positions each batch scored). With `steps`, also "writes": the share of the positions whose
+    context asks for a sum where the policy's own thought, sampled at `temperature` (seeded per
+    batch), writes the units step (teacher.writes_step), and "positions": how many there were."""
     out: dict = {}
+    total, wrote = 0, 0
     with torch.no_grad():
         for b in range(0, ids.shape[0], batch):
-            r = policy_nll(model, cfg, ids[b:b + batch], mask[b:b + batch], pad, with_reader=True)
+            x, m = ids[b:b + batch], mask[b:b + batch]
+            r = policy_nll(model, cfg, x, m, pad, with_reader=True, steps=steps)
+            count = r.pop("count")
+            if count == 0:
+                continue
             r["true"] = r.pop("loss")
             for k, v in r.items():
-                out[k] = out.get(k, 0.0) + float(v) * ids[b:b + batch].shape[0] / ids.shape[0]
+                out[k] = out.get(k, 0.0) + float(v) * count
+            total += count
+            if steps is not None:
+                positions = default_positions(x.shape[1], cfg.talk_len)
+                anchor = positions[None].expand(x.shape[0], -1)
+                asked = sampled_where_asked(x, m, anchor, steps[0], cfg.thought_len, steps[1])
+                ro = rollout(model, dataclasses.replace(cfg, temperature=temperature), x, m, positions,
+                             torch.Generator().manual_seed(seed + b), thoughts=asked, partial=True)
+                w, has = writes_step(ro.thoughts, x, m, anchor, (asked < 0).all(-1), steps[0])
+                wrote += int(w.sum())
+    if total == 0:
+        raise ConfigError("the held-out windows have no position to score"
+                          + (" (no sum 'a + b =' for --target steps)" if steps is not None else ""))
+    out = {k: v / total for k, v in out.items()}
+    if steps is not None:
+        out["writes"], out["positions"] = wrote / total, total
     return out
 
 
 def numbers(r: dict) -> str:
+    if "writes" in r:
+        return (f"at {r['positions']} held-out positions that ask for a sum, the policy's NLL of the units step "
+                f"{r['true']:.3f} per thought token (first token {r['first']:.3f}); its own thought writes the step "
+                f"{r['writes']:.1%} of the time; the state after the step predicts the next token at "
+                f"{r['reader_first']:.3f} (base model without a thought {r['base']:.3f})")
     return (f"held-out policy NLL of the true continuation {r['true']:.3f} per token, of the next token "
             f"{r['first']:.3f}; the state after that thought predicts the next token at {r['reader_first']:.3f} "
             f"(base model without a thought {r['base']:.3f})")
 
 
 def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: int, lr: float, pad: int,
-        log=print, eot: bool = False) -> list[float]:
+        log=print, eot: bool = False, targets=None) -> list[float]:
     """Adam on the <sot> row of model.thought_embeds alone (everything else frozen) for `steps`
     batches of `stream`; with `eot` also the <eot> row, on the reader's NLL after the true
-    continuation (added to the loss). -> the training loss of every step."""
+    continuation (added to the loss). `targets`: policy_nll's `steps` (a batch without a sum is
+    skipped and not counted; 100 in a row raise ConfigError). -> the training loss of every step."""
     for p in model.parameters():
         p.requires_grad_(False)
     w = model.thought_embeds                                                          # (2, H)
     w.requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
-    losses = []
-    for step in range(steps):
+    losses, skipped = [], 0
+    while len(losses) < steps:
         ids, mask = stream.next_batch(batch)
-        r = policy_nll(model, cfg, ids, mask, pad, with_reader=eot)
+        r = policy_nll(model, cfg, ids, mask, pad, with_reader=eot, steps=targets)
+        if r["count"] == 0:
+            skipped += 1
+            if skipped == 100:
+                raise ConfigError("100 training batches in a row have no sum 'a + b =' to fit --target steps on")
+            continue
+        skipped = 0
         loss = r["loss"] + r["reader"] if eot else r["loss"]
         opt.zero_grad()
         loss.backward()
@@ -136,7 +195,8 @@ def fit(model, cfg: ThoughtConfig, stream: SequenceStream, steps: int, batch: in
             w.grad[1].zero_()      # only the reader term reaches <eot>: without it, Adam leaves it
         opt.step()
         losses.append(float(loss.detach()))
-        log(f"[fit] step {step + 1}/{steps}: policy NLL of the true continuation {float(r['loss'].detach()):.3f} per token"
+        what = "the units step" if targets is not None else "the true continuation"
+        log(f"[fit] step {len(losses)}/{steps}: policy NLL of {what} {float(r['loss'].detach()):.3f} per token"
             + (f", reader NLL after it {float(r['reader'].detach()):.3f}" if eot else ""))
     return losses
 
@@ -160,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                     "after the true continuation as the thought (added to the loss; needs the run's --talk_positions)")
     ap.add_argument("--talk_positions", default="after_thought", choices=["after_thought", "resume"],
                     help="thought.talk_positions of the runs that will use the file (where the reader sits)")
+    ap.add_argument("--target", default="continuation", choices=["continuation", "steps"],
+                    help="what the thought after <sot> should be: the text's next thought_len tokens at every "
+                         "position, or thought.mode=teacher's units step where the context asks for a sum")
+    ap.add_argument("--temperature", type=float, default=0.1,
+                    help="--target steps: the temperature at which the own thoughts whose steps are counted "
+                         "are sampled (the runs' eval.temperature)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4, help="windows per step")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the <sot> vector")
@@ -183,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         e = EvalConfig(sequences=args.windows)
         cfg = ThoughtConfig(n_thoughts=1, thought_len=args.thought_len, talk_len=args.talk_len,
                             talk_positions=args.talk_positions)
+        if not args.temperature > 0:
+            raise ConfigError(f"--temperature {args.temperature}: must be > 0")
         loaded = load_model(args.model)
         model, tok = loaded.model, loaded.tokenizer
         if not isinstance(model, QuietStarModel) or loaded.run_config is not None:
@@ -193,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.thought_embeds.copy_(model.base.get_input_embeddings().weight[first[0]].expand(2, -1))
         pad = tok.eos_token_id
+        targets = None
+        if args.target == "steps":
+            try:
+                check_fits(tok, args.thought_len)
+            except ValueError as err:
+                raise ConfigError(str(err).replace("thought.thought_len", "--thought_len")) from None
+            targets = (tok, filler_token_id(tok, ThoughtConfig().filler))
         ids_h, mask_h = heldout_sequences(tok, d, e)
         stream = TrainingSideStream(tok, d.source, d.seq_len, d.pack, d.split, d.text_field, d.subset, d.seed,
                                     seeds=seeds, fraction=e.holdout_fraction)
@@ -202,15 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model.eval()
     t0 = time.perf_counter()
-    before = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
-    print(f"[fit] before ({args.init!r}): {numbers(before)}", flush=True)
-    losses = fit(model, cfg, stream, args.steps, args.batch, args.lr, pad,
-                 log=lambda s: print(s, file=sys.stderr, flush=True), eot=args.eot)
-    after = evaluate(model, cfg, ids_h, mask_h, pad, args.batch)
+    try:
+        before = evaluate(model, cfg, ids_h, mask_h, pad, args.batch, targets, args.temperature, seeds[0])
+        print(f"[fit] before ({args.init!r}): {numbers(before)}", flush=True)
+        losses = fit(model, cfg, stream, args.steps, args.batch, args.lr, pad,
+                     log=lambda s: print(s, file=sys.stderr, flush=True), eot=args.eot, targets=targets)
+    except ConfigError as err:                        # the data has nothing to fit --target steps on
+        print(f"fit_thought_markers: error: --data {args.data!r}: {err}", file=sys.stderr)
+        return 2
+    after = evaluate(model, cfg, ids_h, mask_h, pad, args.batch, targets, args.temperature, seeds[0])
     print(f"[fit] after {args.steps} steps: {numbers(after)}; {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {"model": args.model, "data": args.data, "data_seeds": seeds, "init": args.init, "seq_len": args.seq_len,
             "pack": not args.no_pack, "thought_len": args.thought_len, "talk_len": args.talk_len,
-            "talk_positions": args.talk_positions, "eot": args.eot, "steps": args.steps,
+            "talk_positions": args.talk_positions, "eot": args.eot, "target": args.target,
+            "temperature": args.temperature, "steps": args.steps,
             "batch": args.batch, "lr": args.lr, "before": before, "after": after, "losses": losses}
     save_file({MARKER_KEY: model.thought_embeds.detach().float().contiguous()}, args.out,
               metadata={"qstar_ds": json.dumps(meta)})

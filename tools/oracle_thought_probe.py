@@ -57,7 +57,7 @@ from qstar_ds.layout import Layout  # noqa: E402
 from qstar_ds.loading import add_model_args, load_from_args  # noqa: E402
 from qstar_ds.model import filler_token_id  # noqa: E402
 from qstar_ds.rollout import oracle_thoughts  # noqa: E402
-from qstar_ds.teacher import context_steps, teacher_thoughts  # noqa: E402
+from qstar_ds.teacher import context_steps, teacher_thoughts, writes_step  # noqa: E402
 
 VARIANTS = ("own", "other", "filler", "truth", "wrong", "step", "other_step")
 DEFAULT_VARIANTS = VARIANTS[1:5]
@@ -124,23 +124,6 @@ def states_next_digit(thoughts: torch.Tensor, nxt: torch.Tensor, where: torch.Te
             first = next((c for c in tok.decode(thoughts[d, p].tolist()) if c.isdigit()), None)
             said[d, p] = first == target
     return said, digit
-
-
-def writes_step(thoughts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor,
-                where: torch.Tensor, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D, P, t) own thoughts -> (wrote, has), (D, P) bool each: `has`, the position (where `where`)
-    has a teacher step; `wrote`, the thought's text, spaces removed, starts with it."""
-    wrote, has = torch.zeros_like(where), torch.zeros_like(where)
-    for d in range(ids.shape[0]):
-        if not where[d].any():
-            continue
-        steps = context_steps(ids[d].tolist(), mask[d].bool().tolist(), tok)
-        for p in where[d].nonzero()[:, 0].tolist():
-            step = steps[int(anchor[d, p])]
-            if step is not None:
-                has[d, p] = True
-                wrote[d, p] = tok.decode(thoughts[d, p].tolist()).replace(" ", "").startswith(step)
-    return wrote, has
 
 
 def other_sum_thoughts(thoughts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor,
