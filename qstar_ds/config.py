@@ -6,6 +6,7 @@ with one line naming the key and the value.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -442,6 +443,24 @@ class Config:
     def think_positions(self) -> int:
         """P: positions per training sequence that think (thought.positions, 0 = all n - K)."""
         return self.thought.positions or self.data.seq_len - self.thought.talk_len
+
+
+def changes(saved: dict, cfg: Config, skip: set[str] = frozenset()) -> list[str]:
+    """Every setting of `cfg` that differs from `saved` (a checkpoint's resolved config, as
+    dataclasses.asdict wrote it to JSON), in words ("thought.beta 10.0 -> 1.0"), in field order;
+    keys in `skip` ("section.key") and keys the checkpoint does not record are left out."""
+    out = []
+    for sec, fields in dataclasses.asdict(cfg).items():
+        for k, new in (fields.items() if isinstance(fields, dict) else [("", fields)]):
+            key = f"{sec}.{k}" if k else sec
+            old = saved.get(sec, {}).get(k, _MISSING) if k else saved.get(sec, _MISSING)
+            new = list(new) if isinstance(new, tuple) else new
+            if key not in skip and old is not _MISSING and old != new:
+                out.append(f"{key} {old!r} -> {new!r}")
+    return out
+
+
+_MISSING = object()
 
 
 PRESETS: dict[str, dict] = {

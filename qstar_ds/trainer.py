@@ -27,6 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from .cli import to_yaml
 from .config import Config, ConfigError
+from .config import changes as config_changes
 from .cpu_memory import keep_freed_memory
 from .data import SequenceStream, check_source, heldout_sequences
 from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_rows
@@ -146,6 +147,11 @@ class Trainer:
             if changed:
                 self._note(f"resuming with changed settings, applied from step {self.step} on (optimizer "
                            f"moments kept): {', '.join(changed)}")
+            others = config_changes(meta.get("config", {}), cfg, skip={c.split(" ")[0] for c in changed}
+                                    | {"train.resume"})
+            if others:
+                self._note(f"resuming with other settings than the checkpoint's, in effect from step {self.step} "
+                           f"on: {', '.join(others)}")
         d, e = cfg.data, cfg.eval
         split = e.holdout_fraction if e.source is None else 0.0        # training never reads held-out text
         self.stream = SequenceStream(self.tokenizer, d.source, d.seq_len, d.pack, d.split, d.text_field,

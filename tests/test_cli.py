@@ -291,6 +291,25 @@ def test_yaml_config_merges_between_preset_and_command_line(tmp_path):
         parse_args(["--preset", "debug_cpu", "--config", str(y)])
 
 
+def test_config_changes_name_every_setting_that_differs_from_a_saved_config():
+    import dataclasses
+    from qstar_ds.cli import parse_args
+    from qstar_ds.config import changes
+    saved, _ = parse_args(["--preset", "debug_cpu", "--optim.betas", "0.8,0.99"])
+    saved = json.loads(json.dumps(dataclasses.asdict(saved)))          # as a checkpoint's meta holds it
+    cfg, _ = parse_args(["--preset", "debug_cpu", "--thought.mode", "filler", "--thought.beta", "3",
+                         "--train.output_dir", "elsewhere", "--ds_config", "ds_configs/zero2.json"])
+    assert changes(saved, cfg) == ["thought.mode 'quiet_star' -> 'filler'", "thought.beta 1.0 -> 3.0",
+                                   "optim.betas [0.8, 0.99] -> [0.9, 0.999]",
+                                   "train.output_dir 'out/qstar' -> 'elsewhere'",
+                                   "ds_config 'ds_configs/zero3.json' -> 'ds_configs/zero2.json'"]
+    assert changes(saved, cfg, skip={"optim.betas", "ds_config"}) == changes(saved, cfg)[:2] + [changes(saved, cfg)[3]]
+    del saved["thought"]["beta"]                                      # written before the key existed
+    assert "thought.beta 1.0 -> 3.0" not in changes(saved, cfg)
+    same, _ = parse_args(["--preset", "debug_cpu", "--optim.betas", "0.8,0.99"])
+    assert changes(saved, same) == []
+
+
 def test_local_model_directory_and_local_jsonl_corpus(tmp_path):
     """--model.name accepts a local HF directory; --data.source a local jsonl file (the shared
     OpenWebMath-like sample), cropped and padded to n."""

@@ -230,12 +230,17 @@ def test_resume_none_over_existing_checkpoints_is_refused(copy):
 def test_branching_back_keeps_the_left_branch_and_auto_follows_the_new_one(reference, copy):
     left = {s: files_of(ckpt(copy, s)) for s in (4, 5)}
     res = run(["--max_steps", str(STEPS), "--resume", str(ckpt(copy, 3)), "--optim.lr", "0.002",
-               "--thought.positions", "5"], copy)
+               "--thought.positions", "5", "--thought.beta", "2"], copy)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert "belong to the branch left behind; moved to" in out
     # the optimizer setting changed on resume is applied (said once) and recorded: lr doubles
     assert "optim.lr 0.001 -> 0.002" in out and "thought.positions 0 -> 5" in out
+    # every other changed setting is said too, once, and the optimizer's are not said twice
+    other = [ln for ln in out.splitlines() if "resuming with other settings than the checkpoint's" in ln]
+    assert len(other) == 1 and "in effect from step 3 on" in other[0], out[-3000:]
+    assert "thought.beta 1.0 -> 2.0" in other[0] and f"train.output_dir '{reference}' -> '{copy}'" in other[0]
+    assert "optim.lr" not in other[0] and "thought.positions" not in other[0] and "train.resume" not in other[0]
     for s in (4, 5):
         assert losses(copy)[s]["lr"] == pytest.approx(2 * losses(reference)[s]["lr"], rel=1e-9)
         assert files_of(copy / "checkpoints" / "superseded" / f"step_{s:08d}") == left[s]
