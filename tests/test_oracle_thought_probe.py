@@ -178,6 +178,60 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path):
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
 
 
+def test_compare_pairs_two_probes_by_model_and_sequence(tmp_path):
+    import math
+    from oracle_thought_probe import fmt, paired
+
+    def probe(shift):     # two models, sequences with None where a sequence has nothing scored
+        def model(k):
+            base = [1.0 + k, None, 0.5 * k, 2.0, 0.25]
+            own = {"mixed": [None if b is None else b - 0.1 * k - shift * (i + 1) for i, b in enumerate(base)],
+                   "read": [None if b is None else b + shift for b in base], "w": [None if b is None else 0.1 for b in base]}
+            return {"model": f"m{k}", "tokens": 9, "base": base, "own": own,
+                    "own_writes_step": [None, None, 0.5, shift, 1.0], "own_says_digit": [0.0, None, 1.0, 0.5, shift]}
+        return {"focus": "f", "per_model": [model(1), model(2)]}
+
+    a, b = probe(0.3), probe(0.0)
+    d = paired(a, b)
+
+    def expect(xs):
+        m = sum(xs) / len(xs)
+        h = 1.96 * math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+        return m, m - h, m + h
+
+    mixed = [-0.3 * (i + 1) for _ in (1, 2) for i in (0, 2, 3, 4)]            # None pairs left out
+    for got, want in ((d["own"]["mixed"], mixed), (d["own_writes_step"], [0.3] * 2 + [0.0] * 2 + [0.0] * 2),
+                      (d["own_says_digit"], [0.0, 0.0, 0.0, 0.3] * 2), (d["own"]["read"], [0.3] * 8)):
+        assert got["pairs"] == len(want)
+        assert [got["mean"], *got["ci95"]] == pytest.approx(expect(want), abs=1e-12)
+    assert d["base"]["mean"] == 0 and d["own"]["w"]["mean"] == 0 and "other" not in d
+    # the command line: the same numbers, written; mismatched probes are one clear line
+    fa, fb, fo = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "d.json"
+    fa.write_text(json.dumps(a))
+    fb.write_text(json.dumps(b))
+    r = subprocess.run([sys.executable, PROBE, "--compare", str(fa), str(fb), "--out", str(fo)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"own: mixed NLL {fmt(d['own']['mixed'], True)}, reader alone {fmt(d['own']['read'], True)}" in r.stdout
+    assert json.loads(fo.read_text())["a_minus_b"] == json.loads(json.dumps(d))
+    c = probe(0.0)
+    c["per_model"][1]["base"][1] = 3.0                                    # scored a token B did not
+    fc = tmp_path / "c.json"
+    fc.write_text(json.dumps(c))
+    fd = tmp_path / "one.json"
+    fd.write_text(json.dumps({"focus": "f", "per_model": a["per_model"][:1]}))
+    fe = tmp_path / "e.json"
+    fe.write_text("{not json")
+    for args, word in (([str(fa), str(fc)], "model 2 (m2 / m2): the two probes scored different tokens"),
+                       ([str(fa), str(fd)], "A has 2 model(s), B 1"), ([str(fa), str(fe)], f"--compare {str(fe)!r}"),
+                       ([str(fa), str(tmp_path / "none.json")], "none.json"),
+                       ([str(fa), str(fb), "--model", "tiny-llama"], "scores no --model")):
+        r = subprocess.run([sys.executable, PROBE, "--compare", *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    r = subprocess.run([sys.executable, PROBE], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "give --model" in r.stderr
+
+
 def test_states_next_digit_skips_leading_text_and_non_digits():
     from oracle_thought_probe import states_next_digit
     from qstar_ds.tiny import tiny_tokenizer

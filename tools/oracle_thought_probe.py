@@ -3,6 +3,7 @@
     python tools/oracle_thought_probe.py --model RUN/checkpoints/step_N [RUN2/... ...] \
         [--focus '(?<== )-?\\d+'] [--sequences 64] [--out FILE.json]
     python tools/oracle_thought_probe.py --model DIR --data FILE.jsonl --seq_len 64 ...
+    python tools/oracle_thought_probe.py --compare A.json B.json     # two probes' --out, paired
 
 No run so far has shown a model predicting better with its own thoughts than with another
 sequence's (README "Does it learn?"). That can fail in three places: the policy (the thoughts
@@ -36,6 +37,11 @@ another and pooled (per-sequence values, 95% CI over (model, sequence)). A check
 its run's held-out sequences (evaluate.py --nll_heldout) with the run's evaluation temperature,
 talk length and seed, as tools/experiment.py's --focus scoring does; --data scores a text file.
 Nothing is trained; with an untrained mixing head (w = 0) every variant's mixed NLL is the base's.
+
+--compare A.json B.json pairs two probes of different checkpoints of the same held-out text (e.g.
+two arms resumed from the same checkpoints, listed in the same seed order): A - B per (model,
+sequence) with 95% CIs, for what both scored (the own thought's step and digit shares, the base,
+and each variant's mixed and reader NLL and w). Probes that scored different tokens are refused.
 """
 from __future__ import annotations
 
@@ -247,6 +253,67 @@ def summarize(per_model: list[dict]) -> dict:
     return out
 
 
+def paired(a: dict, b: dict) -> dict:
+    """Two probes' --out contents (the same held-out text, models in the same order) -> every
+    per-sequence value both hold, A - B per (model, sequence), pooled, with 95% CIs."""
+    pa, pb = a["per_model"], b["per_model"]
+    if len(pa) != len(pb):
+        raise TaskError(f"A has {len(pa)} model(s), B {len(pb)}: pair probes of as many checkpoints, in the same order")
+    for i, (ma, mb) in enumerate(zip(pa, pb)):
+        if [x is None for x in ma["base"]] != [x is None for x in mb["base"]] or ma["tokens"] != mb["tokens"]:
+            raise TaskError(f"model {i + 1} ({ma.get('model')} / {mb.get('model')}): the two probes scored different "
+                            f"tokens ({ma['tokens']} / {mb['tokens']}); pair runs of the same data, seed and --focus")
+
+    def diff(get):
+        xs = [x - y for ma, mb in zip(pa, pb) for x, y in zip(get(ma), get(mb)) if x is not None and y is not None]
+        m, lo, hi = mean_ci(torch.tensor(xs, dtype=torch.float64))
+        return {"mean": m, "ci95": [lo, hi], "pairs": len(xs)}
+
+    out = {k: diff(lambda m, k=k: m[k]) for k in ("own_writes_step", "own_says_digit", "base")
+           if all(k in m for m in pa + pb)}
+    for v in [v for v in VARIANTS if all(v in m for m in pa + pb)]:
+        out[v] = {k: diff(lambda m, v=v, k=k: m[v][k]) for k in ("mixed", "read", "w")}
+    return out
+
+
+def paired_lines(d: dict) -> list[str]:
+    out = ["A - B, 95% CI over (model, sequence) pairs:"]
+    for k, what in (("own_writes_step", "own thought writes the units step (share)"),
+                    ("own_says_digit", "own thought's first digit right (share)"), ("base", "base NLL")):
+        if k in d:
+            out.append(f"  {what}: {fmt(d[k], True)} ({d[k]['pairs']} pairs)")
+    for v in [v for v in VARIANTS if v in d]:
+        out.append(f"  {v}: mixed NLL {fmt(d[v]['mixed'], True)}, reader alone {fmt(d[v]['read'], True)}, "
+                   f"w {fmt(d[v]['w'], True)}")
+    return out
+
+
+def compare(path_a: str, path_b: str, out: str | None) -> int:
+    try:
+        probes = []
+        for p in (path_a, path_b):
+            try:
+                with open(p) as f:
+                    probes.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise TaskError(f"--compare {p!r}: not a probe written by --out ({e})") from None
+            if not isinstance(probes[-1], dict) or not isinstance(probes[-1].get("per_model"), list):
+                raise TaskError(f"--compare {p!r}: not a probe written by --out (no per_model list)")
+        if probes[0].get("focus") != probes[1].get("focus"):
+            raise TaskError(f"--compare: A scored --focus {probes[0].get('focus')!r}, B {probes[1].get('focus')!r}")
+        d = paired(*probes)
+    except TaskError as e:
+        print(f"oracle_thought_probe: error: {e}", file=sys.stderr)
+        return 2
+    print(f"A = {path_a}\nB = {path_b}")
+    print("\n".join(paired_lines(d)))
+    if out:
+        with open(out, "w") as f:
+            json.dump({"a": path_a, "b": path_b, "a_minus_b": d}, f, indent=1)
+        print(f"wrote {out}")
+    return 0
+
+
 def fmt(c: dict, sign: bool = False) -> str:
     f = "{:+.4f}" if sign else "{:.4f}"
     return (f + " [" + f + ", " + f + "]").format(c["mean"], *c["ci95"])
@@ -275,7 +342,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  conflict_handler="resolve")      # --model below takes several
     add_model_args(ap)
-    ap.add_argument("--model", nargs="+", required=True, help="trained checkpoints (or run dirs), pooled")
+    ap.add_argument("--model", nargs="+", help="trained checkpoints (or run dirs), pooled")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="pair two probes' --out files (A - B)")
     ap.add_argument("--focus", default=DEFAULT_FOCUS, help="regular expression marking the scored tokens "
                     "(evaluate.py --nll_focus); default: results after '= '")
     ap.add_argument("--sequences", type=int, default=None, help="held-out sequences (default: as many as the run scored)")
@@ -290,13 +358,21 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the pooled summary and per-model lists as JSON")
     args = ap.parse_args(argv)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        print(f"oracle_thought_probe: --out={args.out!r}: its directory does not exist", file=sys.stderr)
+        return 2
+    if args.compare:
+        if args.model:
+            print("oracle_thought_probe: --compare reads two probes' files; it scores no --model", file=sys.stderr)
+            return 2
+        return compare(*args.compare, args.out)
+    if not args.model:
+        print("oracle_thought_probe: give --model CHECKPOINT [...] (or --compare A.json B.json)", file=sys.stderr)
+        return 2
     try:
         re.compile(args.focus)
     except re.error as e:
         print(f"oracle_thought_probe: --focus={args.focus!r}: not a usable regular expression ({e})", file=sys.stderr)
-        return 2
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        print(f"oracle_thought_probe: --out={args.out!r}: its directory does not exist", file=sys.stderr)
         return 2
     variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in variants):
