@@ -222,9 +222,12 @@ def test_compare_pairs_two_probes_by_model_and_sequence(tmp_path):
     fd.write_text(json.dumps({"focus": "f", "per_model": a["per_model"][:1]}))
     fe = tmp_path / "e.json"
     fe.write_text("{not json")
+    ff = tmp_path / "f.json"
+    ff.write_text(json.dumps({"focus": "f", "per_model": [{"tokens": 9}, {"tokens": 9}]}))
     for args, word in (([str(fa), str(fc)], "model 2 (m2 / m2): the two probes scored different tokens"),
                        ([str(fa), str(fd)], "A has 2 model(s), B 1"), ([str(fa), str(fe)], f"--compare {str(fe)!r}"),
                        ([str(fa), str(tmp_path / "none.json")], "none.json"),
+                       ([str(fa), str(ff)], "a model's entry lacks 'base'"),
                        ([str(fa), str(fb), "--model", "tiny-llama"], "scores no --model")):
         r = subprocess.run([sys.executable, PROBE, "--compare", *args], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])

@@ -301,7 +301,10 @@ def compare(path_a: str, path_b: str, out: str | None) -> int:
                 raise TaskError(f"--compare {p!r}: not a probe written by --out (no per_model list)")
         if probes[0].get("focus") != probes[1].get("focus"):
             raise TaskError(f"--compare: A scored --focus {probes[0].get('focus')!r}, B {probes[1].get('focus')!r}")
-        d = paired(*probes)
+        try:
+            d = paired(*probes)
+        except (KeyError, TypeError) as e:
+            raise TaskError(f"--compare: not probes written by --out (a model's entry lacks {e})") from None
     except TaskError as e:
         print(f"oracle_thought_probe: error: {e}", file=sys.stderr)
         return 2
