@@ -8,7 +8,10 @@ step and exit together: a rank that stopped alone would leave the others blocked
 
 Ctrl-C (SIGINT, sent to every process of the foreground group) is handled the same way the first
 time, with a one-line notice; a second Ctrl-C stops at once (KeyboardInterrupt, which train.py
-turns into one line and exit code 130; nothing after the last checkpoint is kept).
+turns into one line and exit code 130; nothing after the last checkpoint is kept). It can land
+anywhere, also inside a library's context manager whose exit then fails in its own way (DeepSpeed's
+GatheredParameters: "Cannot free a ZeRO-3 parameter while it is still active"): `by_ctrl_c` finds
+the KeyboardInterrupt behind such an error.
 
 A launcher that goes away counts as a signal too: SIGTERM to the `deepspeed` runner alone ends the
 runner but not its launcher and ranks, which would train on unattended. A watcher thread checks
@@ -53,6 +56,18 @@ def _alive(pid: int, started: float) -> bool:
         return psutil.Process(pid).create_time() == started      # same pid, same process (not reused)
     except psutil.Error:
         return False
+
+
+def by_ctrl_c(error: BaseException) -> bool:
+    """True when `error` is a KeyboardInterrupt, or was raised while one was being handled
+    (its __context__ / __cause__ chain holds one)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Preemption:

@@ -44,7 +44,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"qstar_ds: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:               # a second Ctrl-C (the first one saves and stops: preemption.py)
+    except BaseException as e:              # a second Ctrl-C (the first one saves and stops: preemption.py)
+        from qstar_ds.preemption import by_ctrl_c
+        if not by_ctrl_c(e):
+            raise
         print(f"qstar_ds: interrupted: stopped at once without saving; the newest checkpoint is under "
               f"{os.path.join(cfg.train.output_dir, 'checkpoints')}", file=sys.stderr, flush=True)
         return 130

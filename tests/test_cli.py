@@ -381,3 +381,44 @@ def test_ctrl_c_once_saves_and_stops_twice_stops_at_once(tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("qstar_ds: interrupted: stopped at once without saving")
+
+
+@pytest.mark.parametrize("where", ["bare", "inside a library's context manager", "another error"])
+def test_second_ctrl_c_inside_a_failing_context_manager_is_still_exit_130(tmp_path, monkeypatch, capsys, where):
+    """The second Ctrl-C's KeyboardInterrupt can land inside DeepSpeed's GatheredParameters, whose
+    exit then raises its own RuntimeError ('Cannot free a ZeRO-3 parameter while it is still
+    active'): still one line and exit 130. An error with no Ctrl-C behind it is not swallowed."""
+    import contextlib
+    from qstar_ds import train, trainer as trainer_module
+
+    @contextlib.contextmanager
+    def gathered():                          # what GatheredParameters.__exit__ does mid-forward
+        try:
+            yield
+        finally:
+            raise RuntimeError("Cannot free a ZeRO-3 parameter while it is still active in submodules")
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            pass
+
+        def fit(self):
+            if where == "bare":
+                raise KeyboardInterrupt
+            if where == "another error":
+                raise ValueError("a real bug")
+            with gathered():
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "Trainer", FakeTrainer)
+    argv = ["--preset", "debug_cpu", "--output_dir", str(tmp_path / "run")]
+    if where == "another error":
+        with pytest.raises(ValueError, match="a real bug"):
+            train.main(argv)
+        return
+    assert train.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("qstar_ds: interrupted: stopped at once without saving")
