@@ -83,6 +83,12 @@ class ThoughtConfig:
     think before the results of the built-in corpus's sums, where a thought could compute. Empty:
     no preference. Held-out evaluation still thinks after every position (evaluate.py --nll_focus
     scores the same tokens apart)."""
+    reinforce_focus: str = ""
+    """A regular expression: the REINFORCE term trains only the streams whose position's next token
+    x_{i+1} overlaps a match in the decoded text (heldout.token_focus); elsewhere their reward is
+    set to 0 before the learn pass (no policy gradient there; the talk, base and read losses are
+    unchanged, and the logged rewards are the rollout's own). E.g. a sum's result, where a thought
+    could compute: a cleaner policy signal than every sampled position's. Empty: everywhere."""
     talk_positions: str = "after_thought"
     """Position ids of the talk part of a stream (<eot>, x_{i+1} .. x_{i+K-1}). after_thought:
     right after the thought, as in the plain text x_<=i <sot> thought <eot> x_{i+1} (the paper).
@@ -161,6 +167,9 @@ class ThoughtConfig:
         _require(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
         _require_regex("position_focus", self.position_focus)
         _require_regex("oracle_focus", self.oracle_focus)
+        _require_regex("reinforce_focus", self.reinforce_focus)
+        _require(not self.reinforce_focus or self.mode in ("quiet_star", "teacher"), "reinforce_focus",
+                 self.reinforce_focus, "is used only with thought.mode=quiet_star or teacher (the others have no REINFORCE term)")
         _require(not self.oracle_focus or self.mode == "oracle", "oracle_focus", self.oracle_focus,
                  "is used only with thought.mode=oracle")
         _require(self.talk_positions in TALK_POSITIONS, "talk_positions", self.talk_positions,

@@ -34,7 +34,7 @@ from .distributed import Strategy, all_reduce, apply_optimizer_settings, gather_
 from .ds_config import fill_ds_config, load_ds_json, resolve_dtype, zero_stage
 from .hub import TINY_PREFIX, build_base
 from .losses import Normalizer, base_target_mask, stream_validity
-from .heldout import flat_metrics, line as heldout_line, token_focus
+from .heldout import flat_metrics, focus_positions, line as heldout_line, token_focus
 from .heldout_eval import VIEWER_PAGE, HeldoutEval
 from .metrics import MetricsLogger, print0, progress
 from .report import REPORT_PAGE, write_report
@@ -221,6 +221,16 @@ class Trainer:
         marked = token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool()          # (B, n)
         return marked[:, 1:].any(0)[:x.shape[1] - self.cfg.thought.talk_len]   # every rank holds the whole batch
 
+    def _reinforced(self, x: torch.Tensor, x_mask: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor
+                    ) -> torch.Tensor | None:
+        """(B, M) bool: the streams whose next token x_{i+1} thought.reinforce_focus marks (the
+        only ones the REINFORCE term trains); None without a pattern."""
+        pattern = self.cfg.thought.reinforce_focus
+        if not pattern or anchor.shape[1] == 0:
+            return None
+        marked = token_focus(x.cpu(), self.tokenizer, pattern) & x_mask.cpu().bool()          # (B, n)
+        return focus_positions(marked, anchor.cpu(), valid.cpu()).to(x.device)
+
     def _rollouts(self, x: torch.Tensor, x_mask: torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> thoughts (B, M, t), rewards (B, M): the step's rollout after `positions` (P,), cut into
@@ -307,14 +317,18 @@ class Trainer:
         thoughts, rewards = self._thoughts(x, x_mask, positions)                       # (B, M, t), (B, M)
         t_rollout = time.perf_counter() - t0
         anchor, valid, norm = self._streams(x_mask, positions)                         # (B, M), (B, M)
+        trained = self._reinforced(x, x_mask, anchor, valid)                           # (B, M) bool or None
+        learned = rewards if trained is None else rewards * trained                    # REINFORCE's rewards
         totals = StepTotals(self.device)
         for (seq, a, b), weight in learn_share(self.plan, self.rank):
-            out = self._learn(x, x_mask, seq, a, b, anchor, thoughts, rewards, norm)
+            out = self._learn(x, x_mask, seq, a, b, anchor, thoughts, learned, norm)
             self.dist.backward_step(out.loss, weight)
             totals.add(out, weight)
         metrics = self._step_metrics(totals, rewards[valid], x.numel(), time.perf_counter() - t0, t_rollout)
         if prefer is not None:     # how many of the positions that thought were the preferred ones
             metrics["think_focus_positions"] = int(prefer[positions.cpu()].sum())
+        if trained is not None:    # the share of the step's streams that REINFORCE trained
+            metrics["reinforce_focus_frac"] = float(trained[valid].float().mean()) if valid.any() else 0.0
         return metrics, (x, thoughts, rewards, anchor, valid)
 
     def _streams(self, x_mask: torch.Tensor, positions: torch.Tensor

@@ -62,6 +62,7 @@ def steps_logged(out_dir) -> dict[int, float]:
     (["--thought.position_focus", "\\d"], "thought.position_focus='\\\\d': needs thought.positions > 0"),
     (["--eval.focus", "(1"], "eval.focus='(1': is not a regular expression"),
     (["--thought.oracle_focus", "\\d"], "thought.oracle_focus='\\\\d': is used only with thought.mode=oracle"),
+    (["--thought.mode", "filler", "--thought.reinforce_focus", "="], "thought.reinforce_focus='=': is used only with thought.mode=quiet_star or teacher"),
     (["--thought.mode", "oracle", "--thought.oracle_focus", "(1"], "thought.oracle_focus='(1': is not a regular expression"),
     (["--thought.mode", "teacher"], "thought.thought_len=2: thought.mode=teacher writes steps such as '9+9=18'"),
     (["--train.max_steps", "ten"], "train.max_steps='ten': expected an integer"),

@@ -40,11 +40,13 @@ def reference_run(init: dict, overrides: dict) -> dict:
                             holdout=cfg.eval.holdout_fraction)      # the trainer never reads the held-out split
     for step in range(cfg.train.max_steps):
         x, am = stream.next_batch(cfg.train.batch_size)
+        def marked(pattern):                # [sequence][token]: the token's own text matches (none across tokens)
+            return [[bool(re.search(pattern, tok.decode(x[s, :j + 1])[len(tok.decode(x[s, :j])):]))
+                     for j in range(x.shape[1])] for s in range(x.shape[0])]
         prefer = None
         if cfg.thought.position_focus:      # positions before a marked token of any sequence of the batch
-            marked = [[bool(re.search(cfg.thought.position_focus, tok.decode(x[s, :j + 1])[len(tok.decode(x[s, :j])):]))
-                       for j in range(x.shape[1])] for s in range(x.shape[0])]   # a token's own text (no match across tokens)
-            prefer = torch.tensor([any(m[i + 1] for m in marked) for i in range(x.shape[1] - cfg.thought.talk_len)])
+            m = marked(cfg.thought.position_focus)
+            prefer = torch.tensor([any(ms[i + 1] for ms in m) for i in range(x.shape[1] - cfg.thought.talk_len)])
         pos = step_positions(x.shape[1], cfg.thought.talk_len, cfg.thought.positions, cfg.train.seed, step,
                              prefer=prefer)
         ros = [rollout(model, cfg.thought, x[s:s + 1], am[s:s + 1], pos,
@@ -52,6 +54,10 @@ def reference_run(init: dict, overrides: dict) -> dict:
         thoughts = torch.cat([r.thoughts for r in ros])
         rewards = torch.cat([r.rewards for r in ros])
         anchor = torch.cat([r.anchor for r in ros])
+        if cfg.thought.reinforce_focus:     # REINFORCE only where the next token is marked
+            m = marked(cfg.thought.reinforce_focus)
+            rewards = torch.stack([torch.stack([rewards[s, k] if m[s][int(anchor[s, k]) + 1] else torch.zeros(())
+                                                for k in range(anchor.shape[1])]) for s in range(x.shape[0])])
         out = learn_pass(model, cfg.thought, x, am, anchor, thoughts, rewards=rewards)
         opt.zero_grad()
         out.loss.backward()
@@ -128,6 +134,21 @@ def test_thinking_before_marked_tokens_under_two_rank_zero3_equals_the_reference
     assert two["metrics"]["think_focus_positions"] == 4          # the built-in corpus has digits everywhere
     drawn, _ = reference_run(two["init"], {"thought.positions": 4, "train.batch_size": 2})
     assert any((drawn[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the preference must change the update"
+
+
+def test_reinforce_before_marked_tokens_only_under_two_rank_zero3_equals_the_reference(tmp_path):
+    """thought.reinforce_focus '\\d': the REINFORCE term trains only the streams whose next token
+    is a digit (the others' rewards set to 0), the talk and base losses everywhere; batch 2 on 2
+    ranks against the one-process reference that marks each token from its own text."""
+    focus = {"thought.positions": 6, "thought.reinforce_focus": r"\d", "train.batch_size": 2}
+    two = run_worker(tmp_path, "reinforce_focus", 2, focus)
+    ref, out = reference_run(two["init"], focus)
+    assert 0 < two["metrics"]["reinforce_focus_frac"] < 1               # digits and other tokens
+    assert out.losses["reinforce"].abs() > 0
+    assert_same_update(two["init"], two["final"], ref)
+    assert two["metrics"]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    everywhere, _ = reference_run(two["init"], {"thought.positions": 6, "train.batch_size": 2})
+    assert any((everywhere[k] - ref[k]).abs().max() > 1e-4 for k in ref), "the focus must change the update"
 
 
 def test_read_loss_and_read_rewards_under_two_rank_zero3_equal_the_reference(tmp_path):
