@@ -214,6 +214,13 @@ def test_compare_pairs_two_probes_by_model_and_sequence(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"own: mixed NLL {fmt(d['own']['mixed'], True)}, reader alone {fmt(d['own']['read'], True)}" in r.stdout
     assert json.loads(fo.read_text())["a_minus_b"] == json.loads(json.dumps(d))
+    # more pairs (e.g. one probe per seed) pool with the first: A1 A2 against B1 B2, per (model, sequence)
+    r = subprocess.run([sys.executable, PROBE, "--compare", str(fa), str(fb), str(fb), str(fa), "--out", str(fo)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    both = paired({"per_model": a["per_model"] + b["per_model"]}, {"per_model": b["per_model"] + a["per_model"]})
+    assert json.loads(fo.read_text())["a_minus_b"] == json.loads(json.dumps(both))
+    assert both["own"]["mixed"]["pairs"] == 2 * len(mixed) and both["own"]["mixed"]["mean"] == pytest.approx(0, abs=1e-12)
     c = probe(0.0)
     c["per_model"][1]["base"][1] = 3.0                                    # scored a token B did not
     fc = tmp_path / "c.json"
@@ -224,10 +231,14 @@ def test_compare_pairs_two_probes_by_model_and_sequence(tmp_path):
     fe.write_text("{not json")
     ff = tmp_path / "f.json"
     ff.write_text(json.dumps({"focus": "f", "per_model": [{"tokens": 9}, {"tokens": 9}]}))
+    fg = tmp_path / "g.json"
+    fg.write_text(json.dumps({**a, "focus": "g"}))
     for args, word in (([str(fa), str(fc)], "model 2 (m2 / m2): the two probes scored different tokens"),
                        ([str(fa), str(fd)], "A has 2 model(s), B 1"), ([str(fa), str(fe)], f"--compare {str(fe)!r}"),
                        ([str(fa), str(tmp_path / "none.json")], "none.json"),
                        ([str(fa), str(ff)], "a model's entry lacks 'base'"),
+                       ([str(fa), str(fb), str(fa)], "takes pairs of probes"),
+                       ([str(fa), str(fb), str(fg), str(fb)], "scored --focus 'g'"),
                        ([str(fa), str(fb), "--model", "tiny-llama"], "scores no --model")):
         r = subprocess.run([sys.executable, PROBE, "--compare", *args], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])

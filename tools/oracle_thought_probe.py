@@ -3,7 +3,7 @@
     python tools/oracle_thought_probe.py --model RUN/checkpoints/step_N [RUN2/... ...] \
         [--focus '(?<== )-?\\d+'] [--sequences 64] [--out FILE.json]
     python tools/oracle_thought_probe.py --model DIR --data FILE.jsonl --seq_len 64 ...
-    python tools/oracle_thought_probe.py --compare A.json B.json     # two probes' --out, paired
+    python tools/oracle_thought_probe.py --compare A.json B.json [A2.json B2.json ...]   # probes' --out, paired
 
 No run so far has shown a model predicting better with its own thoughts than with another
 sequence's (README "Does it learn?"). That can fail in three places: the policy (the thoughts
@@ -41,7 +41,8 @@ Nothing is trained; with an untrained mixing head (w = 0) every variant's mixed 
 --compare A.json B.json pairs two probes of different checkpoints of the same held-out text (e.g.
 two arms resumed from the same checkpoints, listed in the same seed order): A - B per (model,
 sequence) with 95% CIs, for what both scored (the own thought's step and digit shares, the base,
-and each variant's mixed and reader NLL and w). Probes that scored different tokens are refused.
+and each variant's mixed and reader NLL and w). More pairs (A2.json B2.json ..., e.g. one probe
+per seed) are pooled with the first. Probes that scored different tokens are refused.
 """
 from __future__ import annotations
 
@@ -288,10 +289,12 @@ def paired_lines(d: dict) -> list[str]:
     return out
 
 
-def compare(path_a: str, path_b: str, out: str | None) -> int:
+def compare(paths: list[str], out: str | None) -> int:
     try:
+        if len(paths) % 2:
+            raise TaskError(f"--compare takes pairs of probes (A.json B.json [A2.json B2.json ...]); got {len(paths)} files")
         probes = []
-        for p in (path_a, path_b):
+        for p in paths:
             try:
                 with open(p) as f:
                     probes.append(json.load(f))
@@ -299,16 +302,20 @@ def compare(path_a: str, path_b: str, out: str | None) -> int:
                 raise TaskError(f"--compare {p!r}: not a probe written by --out ({e})") from None
             if not isinstance(probes[-1], dict) or not isinstance(probes[-1].get("per_model"), list):
                 raise TaskError(f"--compare {p!r}: not a probe written by --out (no per_model list)")
-        if probes[0].get("focus") != probes[1].get("focus"):
-            raise TaskError(f"--compare: A scored --focus {probes[0].get('focus')!r}, B {probes[1].get('focus')!r}")
+        for p, q in zip(paths[1:], probes[1:]):
+            if q.get("focus") != probes[0].get("focus"):
+                raise TaskError(f"--compare: {p!r} scored --focus {q.get('focus')!r}, {paths[0]!r} "
+                                f"{probes[0].get('focus')!r}: pair probes of the same --focus")
+        path_a, path_b = paths[0::2], paths[1::2]
+        a, b = ({"per_model": [m for q in probes[k::2] for m in q["per_model"]]} for k in (0, 1))
         try:
-            d = paired(*probes)
+            d = paired(a, b)
         except (KeyError, TypeError) as e:
             raise TaskError(f"--compare: not probes written by --out (a model's entry lacks {e})") from None
     except TaskError as e:
         print(f"oracle_thought_probe: error: {e}", file=sys.stderr)
         return 2
-    print(f"A = {path_a}\nB = {path_b}")
+    print(f"A = {', '.join(path_a)}\nB = {', '.join(path_b)}")
     print("\n".join(paired_lines(d)))
     if out:
         with open(out, "w") as f:
@@ -346,7 +353,8 @@ def main(argv=None) -> int:
                                  conflict_handler="resolve")      # --model below takes several
     add_model_args(ap)
     ap.add_argument("--model", nargs="+", help="trained checkpoints (or run dirs), pooled")
-    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="pair two probes' --out files (A - B)")
+    ap.add_argument("--compare", nargs="+", metavar="A.json B.json", help="pair probes' --out files (A - B; "
+                    "more pairs A2.json B2.json ... pooled with the first)")
     ap.add_argument("--focus", default=DEFAULT_FOCUS, help="regular expression marking the scored tokens "
                     "(evaluate.py --nll_focus); default: results after '= '")
     ap.add_argument("--sequences", type=int, default=None, help="held-out sequences (default: as many as the run scored)")
@@ -366,9 +374,9 @@ def main(argv=None) -> int:
         return 2
     if args.compare:
         if args.model:
-            print("oracle_thought_probe: --compare reads two probes' files; it scores no --model", file=sys.stderr)
+            print("oracle_thought_probe: --compare reads probes' files; it scores no --model", file=sys.stderr)
             return 2
-        return compare(*args.compare, args.out)
+        return compare(args.compare, args.out)
     if not args.model:
         print("oracle_thought_probe: give --model CHECKPOINT [...] (or --compare A.json B.json)", file=sys.stderr)
         return 2
