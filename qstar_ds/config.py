@@ -87,7 +87,9 @@ class ThoughtConfig:
     """A regular expression: the REINFORCE term trains only the streams whose position's next token
     x_{i+1} overlaps a match in the decoded text (heldout.token_focus); elsewhere their reward is
     set to 0 before the learn pass (no policy gradient there; the talk, base and read losses are
-    unchanged, and the logged rewards are the rollout's own). E.g. a sum's result, where a thought
+    unchanged, and the logged rewards are the rollout's own). The term keeps its normalisation over
+    all streams: each trained stream weighs what it did without a focus, and the whole policy push
+    is reinforce_focus_frac (a metric) of the unfocused one. E.g. a sum's result, where a thought
     could compute: a cleaner policy signal than every sampled position's. Empty: everywhere."""
     talk_positions: str = "after_thought"
     """Position ids of the talk part of a stream (<eot>, x_{i+1} .. x_{i+K-1}). after_thought:

@@ -61,12 +61,15 @@ def _alive(pid: int, started: float) -> bool:
 def by_ctrl_c(error: BaseException) -> bool:
     """True when `error` is a KeyboardInterrupt, or was raised while one was being handled
     (its __context__ / __cause__ chain holds one)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
             return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
     return False
 
 

@@ -318,7 +318,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         anchor, valid, norm = self._streams(x_mask, positions)                         # (B, M), (B, M)
         trained = self._reinforced(x, x_mask, anchor, valid)                           # (B, M) bool or None
-        learned = rewards if trained is None else rewards * trained                    # REINFORCE's rewards
+        learned = rewards if trained is None else torch.where(trained, rewards, 0.0)   # REINFORCE's rewards
         totals = StepTotals(self.device)
         for (seq, a, b), weight in learn_share(self.plan, self.rank):
             out = self._learn(x, x_mask, seq, a, b, anchor, thoughts, learned, norm)

@@ -385,7 +385,8 @@ def test_ctrl_c_once_saves_and_stops_twice_stops_at_once(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("qstar_ds: interrupted: stopped at once without saving")
 
 
-@pytest.mark.parametrize("where", ["bare", "inside a library's context manager", "another error"])
+@pytest.mark.parametrize("where", ["bare", "inside a library's context manager", "raised from another error",
+                                   "another error"])
 def test_second_ctrl_c_inside_a_failing_context_manager_is_still_exit_130(tmp_path, monkeypatch, capsys, where):
     """The second Ctrl-C's KeyboardInterrupt can land inside DeepSpeed's GatheredParameters, whose
     exit then raises its own RuntimeError ('Cannot free a ZeRO-3 parameter while it is still
@@ -409,6 +410,11 @@ def test_second_ctrl_c_inside_a_failing_context_manager_is_still_exit_130(tmp_pa
                 raise KeyboardInterrupt
             if where == "another error":
                 raise ValueError("a real bug")
+            if where == "raised from another error":      # `raise X from Y` while the interrupt unwinds
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt:
+                    raise RuntimeError("cleanup failed") from OSError("closing a file")
             with gathered():
                 raise KeyboardInterrupt
 

@@ -238,6 +238,7 @@ def test_compare_pairs_two_probes_by_model_and_sequence(tmp_path):
                        ([str(fa), str(tmp_path / "none.json")], "none.json"),
                        ([str(fa), str(ff)], "a model's entry lacks 'base'"),
                        ([str(fa), str(fb), str(fa)], "takes pairs of probes"),
+                       ([str(fa), str(fd), str(fd), str(fa)], f"{str(fa)!r} - {str(fd)!r}: A has 2 model(s), B 1"),
                        ([str(fa), str(fb), str(fg), str(fb)], "scored --focus 'g'"),
                        ([str(fa), str(fb), "--model", "tiny-llama"], "scores no --model")):
         r = subprocess.run([sys.executable, PROBE, "--compare", *args], capture_output=True, text=True, cwd=ROOT)

@@ -307,8 +307,15 @@ def compare(paths: list[str], out: str | None) -> int:
                 raise TaskError(f"--compare: {p!r} scored --focus {q.get('focus')!r}, {paths[0]!r} "
                                 f"{probes[0].get('focus')!r}: pair probes of the same --focus")
         path_a, path_b = paths[0::2], paths[1::2]
-        a, b = ({"per_model": [m for q in probes[k::2] for m in q["per_model"]]} for k in (0, 1))
         try:
+            for pa, pb, qa, qb in zip(path_a, path_b, probes[0::2], probes[1::2]):     # each pair on its own
+                try:
+                    paired(qa, qb)
+                except TaskError as e:
+                    if len(paths) == 2:
+                        raise
+                    raise TaskError(f"{pa!r} - {pb!r}: {e}") from None
+            a, b = ({"per_model": [m for q in probes[k::2] for m in q["per_model"]]} for k in (0, 1))
             d = paired(a, b)
         except (KeyError, TypeError) as e:
             raise TaskError(f"--compare: not probes written by --out (a model's entry lacks {e})") from None
